@@ -1,0 +1,41 @@
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace performer::cpu {
+namespace {
+
+int detect_level() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return 1;
+  return 0;
+}
+
+int capped_level() {
+  int level = detect_level();
+  if (const char* cap = std::getenv("PERFORMER_CPU_ISA")) {
+    if (std::strcmp(cap, "baseline") == 0 && level > 0) level = 0;
+    else if (std::strcmp(cap, "avx2") == 0 && level > 1) level = 1;
+  }
+  return level;
+}
+
+}  // namespace
+
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+    switch (capped_level()) {
+      case 2: return &avx512::table;
+      case 1: return &avx2::table;
+      default: return &baseline::table;
+    }
+  }();
+  return *table;
+}
+
+}  // namespace performer::cpu

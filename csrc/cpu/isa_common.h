@@ -1,0 +1,62 @@
+// Helpers for the per-ISA translation units. Included inside namespace performer::cpu::<isa>,
+// after the unit's `#pragma GCC target`, so everything here is compiled once per ISA. Only C
+// headers and builtins: no inline functions shared with other units.
+#pragma once
+
+#ifndef PERFORMER_VEC_BYTES
+#error "define PERFORMER_VEC_BYTES (and PERFORMER_GEMM_MR) before including the kernels"
+#endif
+
+static constexpr int kVecFloats = PERFORMER_VEC_BYTES / 4;
+typedef float vfloat __attribute__((vector_size(PERFORMER_VEC_BYTES), aligned(4)));
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline float fmax2(float a, float b) { return a > b ? a : b; }
+static inline double fmax2(double a, double b) { return a > b ? a : b; }
+
+static constexpr float kNegInf = -__builtin_inff();
+
+// exp(a - b) for running maxima a <= b, where -inf (no visible key yet) contributes nothing.
+template <typename T>
+static inline T rescale(T a, T b) {
+  return a == -__builtin_inf() ? T(0) : (sizeof(T) == 4 ? T(::expf(float(a - b))) : T(::exp(double(a - b))));
+}
+
+// exp(x) for float, branch-free so that `omp simd` loops vectorize: Cody-Waite reduction and a
+// degree-6 polynomial, ~2 ulp; exactly 0 below -87.3 (and for -inf).
+static inline float exp_fast(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  __builtin_memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  __builtin_memcpy(&out, &bits, 4);
+  return x < -87.3f ? 0.0f : out;
+}
+static inline double exp_fast(double x) { return ::exp(x); }
+
+// A grow-only, 64-byte aligned scratch buffer (one per thread per call).
+template <typename T>
+struct Scratch {
+  T* p = nullptr;
+  int64_t n = 0;
+  T* get(int64_t count) {
+    if (count > n) {
+      ::free(p);
+      n = count;
+      p = static_cast<T*>(::aligned_alloc(64, ((count * sizeof(T) + 63) / 64) * 64));
+    }
+    return p;
+  }
+  ~Scratch() { ::free(p); }
+};

@@ -1,0 +1,55 @@
+// The interface between the torch-facing drivers and the per-ISA kernels.
+// Plain structs only: the per-ISA translation units include no torch or STL headers, so no
+// inline function compiled for AVX-512 can be picked by the linker for a baseline caller.
+#pragma once
+#include <cstdint>
+
+namespace performer::cpu {
+
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+enum class Kernel : int { softmax = 0, relu = 1 };
+
+// A (B, H, N, D) tensor view with element strides, in the input dtype.
+struct View {
+  void* data;
+  int64_t stride[4];
+};
+
+// Accumulation type is double for f64 inputs, float otherwise ("acc" below).
+struct FavorParams {
+  DType dtype;
+  Kernel kernel;
+  bool causal;
+  double scale;
+  int64_t B, H, Hk, L, S, E, Ev, m;
+  View q, k, v;               // (B,H,L,E), (B,Hk,S,E), (B,Hk,S,Ev)
+  const void* features;       // (m, E) contiguous, acc
+  const bool* mask;           // (B, S) contiguous, true = ignore that key; or null
+  int num_threads;
+  // Forward results (contiguous): out (B,H,L,Ev) in dtype; state (B,Hk,m,Ev+1), den (B,H,L),
+  // key_shift (B,Hk,S) in acc. Backward reads them (out/grad_out as views) and writes dq, dk, dv
+  // (contiguous, dtype).
+  View out, grad_out;
+  void* state;
+  void* den;
+  void* key_shift;
+  void* dq;
+  void* dk;
+  void* dv;
+};
+
+struct KernelTable {
+  const char* name;
+  void (*favor_forward)(const FavorParams&);
+  void (*favor_backward)(const FavorParams&);
+};
+
+namespace baseline { extern const KernelTable table; }
+namespace avx2 { extern const KernelTable table; }
+namespace avx512 { extern const KernelTable table; }
+
+// The best table this CPU runs, capped by PERFORMER_CPU_ISA=baseline|avx2|avx512 when set
+// (read once, like ATEN_CPU_CAPABILITY; used to test every copy on one machine).
+const KernelTable& kernels();
+
+}  // namespace performer::cpu

@@ -1,0 +1,19 @@
+// CPU kernels compiled for AVX2 + FMA; chosen at run time by isa.cpp.
+#pragma GCC target("avx2,fma,f16c")
+#define PERFORMER_VEC_BYTES 32
+#define PERFORMER_GEMM_MR 6
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+namespace performer::cpu::avx2 {
+
+#include "isa_common.h"
+#include "gemm.h"
+#include "favor_kernel.h"
+
+extern const KernelTable table = {"avx2", favor_forward, favor_backward};
+
+}  // namespace performer::cpu::avx2

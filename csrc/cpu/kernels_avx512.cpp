@@ -1,0 +1,19 @@
+// CPU kernels compiled for AVX-512 (F, DQ, BW, VL) + FMA; chosen at run time by isa.cpp.
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+#define PERFORMER_VEC_BYTES 64
+#define PERFORMER_GEMM_MR 8
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+namespace performer::cpu::avx512 {
+
+#include "isa_common.h"
+#include "gemm.h"
+#include "favor_kernel.h"
+
+extern const KernelTable table = {"avx512", favor_forward, favor_backward};
+
+}  // namespace performer::cpu::avx512

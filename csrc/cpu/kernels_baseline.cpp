@@ -1,0 +1,19 @@
+// CPU kernels compiled for x86-64 baseline (SSE2); chosen at run time by isa.cpp.
+
+#define PERFORMER_VEC_BYTES 16
+#define PERFORMER_GEMM_MR 4
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+namespace performer::cpu::baseline {
+
+#include "isa_common.h"
+#include "gemm.h"
+#include "favor_kernel.h"
+
+extern const KernelTable table = {"baseline", favor_forward, favor_backward};
+
+}  // namespace performer::cpu::baseline

@@ -1,0 +1,29 @@
+// Every op schema of the package, declared once. Kernels register per device under csrc/<device>/;
+// fake kernels and autograd are registered from Python (performer/ops/*/cpp.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(performer, m) {
+  // FAVOR+ attention on canonical (B, H, L, E) / (B, Hk, S, E) / (B, Hk, S, Ev) inputs, H % Hk == 0.
+  // Returns out (B, H, L, Ev) in the input dtype and, in the accumulation dtype (float64 for
+  // float64 inputs, else float32), what the backward needs: state (B, Hk, m, Ev + 1) = the final
+  // [phi_k^T V, phi_k^T 1], den (B, H, L) = the normalizer of each query, key_shift (B, Hk, S) =
+  // the stabilizing shift applied to each key's features.
+  m.def("favor_forward(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, "
+        "float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, "
+        "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor key_shift, float scale, "
+        "bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
+  // The instruction set whose CPU kernels run here: "baseline", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", [] { return std::string(performer::cpu::kernels().name); });
+}
+
+// Importing performer._C runs the registrations above; the module itself holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,175 @@
+"""The one validation layer: every public entry point checks its arguments here.
+
+Errors name the argument, what was expected and what was given. Type problems raise
+TypeError, everything else ValueError.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+KERNELS = ("softmax", "relu")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions; got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        expected = ", ".join(_dtype_name(d) for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have dtype {expected}; got {_dtype_name(t.dtype)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the same dtype as {ref_name} ({_dtype_name(ref.dtype)}); "
+                        f"got {_dtype_name(t.dtype)}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}); got {t.device}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1; got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class FavorArgs:
+    """Validated FAVOR+ arguments in the canonical layout.
+
+    q: (B, H, L, E), k: (B, Hk, S, E), v: (B, Hk, S, Ev) with H a multiple of Hk
+    (query head h reads key/value head h // (H // Hk)); features: (m, E);
+    key_padding_mask: None or bool (B, S), True = ignore that key.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    features: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    scale: float
+    causal: bool
+    kernel: str
+    out_shape: tuple
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
+def _to_canonical(name: str, t: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) -> (B, H, N, D): B is the first dimension (1 if none), H the product of the rest."""
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    if t.dim() == 4:
+        return t
+    return t.reshape(t.shape[0], -1, t.shape[-2], t.shape[-1])
+
+
+def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
+                   key_padding_mask, kernel) -> FavorArgs:
+    q = check_tensor("query", query, min_dim=2)
+    k = check_tensor("key", key, min_dim=2)
+    v = check_tensor("value", value, min_dim=2)
+    f = check_tensor("features", features)
+
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask is not supported: FAVOR+ never forms the (L, S) attention matrix, so an arbitrary "
+            "mask cannot be applied; use is_causal=True for causal masking or key_padding_mask=(batch, S) "
+            "bool tensor (True = ignore) to drop keys")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or dropout_p != 0.0:
+        raise ValueError(
+            f"dropout_p must be 0.0; got {dropout_p!r}: FAVOR+ has no attention matrix to drop entries from; "
+            "apply dropout to the attention output (or to its inputs) instead")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+    check_choice("kernel", kernel, KERNELS)
+
+    check_float_dtype("query", q)
+    check_same_dtype("key", k, "query", q)
+    check_same_dtype("value", v, "query", q)
+    check_same_device("key", k, "query", q)
+    check_same_device("value", v, "query", q)
+    check_same_device("features", f, "query", q)
+    if not f.dtype.is_floating_point:
+        raise TypeError(f"features must be a floating-point tensor; got {_dtype_name(f.dtype)}")
+
+    if q.dim() != k.dim() or q.dim() != v.dim():
+        raise ValueError("query, key and value must have the same number of dimensions; got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    E, L, S = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != E:
+        raise ValueError(f"key must have the query's last dimension E={E}: shape (..., S, {E}); "
+                         f"got shape {tuple(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"value must have shape (..., S, Ev) with the key's leading dimensions "
+                         f"{tuple(k.shape[:-1])}; got shape {tuple(v.shape)}")
+    if q.dim() >= 3:
+        if q.shape[:-3] != k.shape[:-3]:
+            raise ValueError(f"key must have the query's batch dimensions {tuple(q.shape[:-3])}; "
+                             f"got shape {tuple(k.shape)} for query shape {tuple(q.shape)}")
+        hq, hk = q.shape[-3], k.shape[-3]
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"key/value heads (dim -3) must divide the query heads for grouped-query "
+                             f"attention: query has {hq}, key has {hk}")
+    if is_causal and L != S:
+        raise ValueError(f"is_causal=True needs as many queries as keys (L == S); got L={L}, S={S}")
+
+    if f.dim() != 2 or f.shape[1] != E or f.shape[0] < 1:
+        raise ValueError(f"features must have shape (num_features, E) = (m, {E}) with m >= 1; "
+                         f"got shape {tuple(f.shape)}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite (FAVOR+ applies sqrt(scale) to query and key); "
+                         f"got {scale}")
+
+    q4, k4, v4 = _to_canonical("query", q), _to_canonical("key", k), _to_canonical("value", v)
+    mask = None
+    if key_padding_mask is not None:
+        mask = check_tensor("key_padding_mask", key_padding_mask)
+        check_same_device("key_padding_mask", mask, "query", q)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype bool (True = ignore that key); "
+                            f"got {_dtype_name(mask.dtype)}")
+        expected = (S,) if q.dim() == 2 else (q.shape[0], S)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"key_padding_mask must have shape (batch, S) = {expected}; got {tuple(mask.shape)}")
+        mask = mask.reshape(q4.shape[0], S)
+
+    out_shape = tuple(q.shape[:-1]) + (v.shape[-1],)
+    return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape)

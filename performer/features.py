@@ -1,0 +1,62 @@
+"""Random features for FAVOR+: block-orthogonal Gaussian projections."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._validate import check_choice, check_positive_int
+
+SCALINGS = ("chi", "sqrt_d")
+
+
+def _orthogonal_block(dim: int, generator, device, sign_correct: bool = True) -> torch.Tensor:
+    """A (dim, dim) orthogonal matrix; Haar-distributed when sign_correct.
+
+    QR returns Q with a fixed sign convention on diag(R) that ties Q's columns to the input;
+    multiplying column j by sign(R[j, j]) removes it, making Q exactly Haar.
+    """
+    g = torch.randn(dim, dim, generator=generator, device=device, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    if sign_correct:
+        d = torch.sign(torch.diagonal(r))
+        q = q * torch.where(d == 0, torch.ones_like(d), d)
+    return q.T  # rows orthonormal
+
+
+def orthogonal_features(num_features: int, dim: int, *, generator: Optional[torch.Generator] = None,
+                        scaling: str = "chi", dtype: torch.dtype = torch.float32,
+                        device=None, _sign_correct: bool = True) -> torch.Tensor:
+    """Draw positive-orthogonal random features W of shape (num_features, dim).
+
+    Rows come from ceil(num_features / dim) independent Haar-orthogonal (dim, dim) blocks,
+    stacked and truncated. ``scaling="chi"`` gives each row the norm of an independent
+    standard Gaussian vector in R^dim (so every row is marginally N(0, I)); ``"sqrt_d"`` gives
+    every row norm sqrt(dim). Randomness comes only from ``generator`` (or, when it is None,
+    a freshly seeded one: the global RNG is never touched), drawn in float64 and cast to ``dtype``.
+    """
+    check_positive_int("num_features", num_features)
+    check_positive_int("dim", dim)
+    check_choice("scaling", scaling, SCALINGS)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        if device is None:
+            device = generator.device
+        elif torch.device(device).type != generator.device.type:
+            raise ValueError(f"generator must be on device {torch.device(device)}; got {generator.device}")
+    else:
+        generator = torch.Generator(device=device if device is not None else "cpu")
+        generator.seed()
+    blocks = [_orthogonal_block(dim, generator, device, _sign_correct)
+              for _ in range(math.ceil(num_features / dim))]
+    w = torch.cat(blocks, dim=0)[:num_features]
+    if scaling == "chi":
+        norms = torch.randn(num_features, dim, generator=generator, device=device,
+                            dtype=torch.float64).norm(dim=1)
+    else:
+        norms = torch.full((num_features,), math.sqrt(dim), device=device, dtype=torch.float64)
+    return (w * norms.unsqueeze(1)).to(dtype)

@@ -1,0 +1,1 @@
+from .api import favor_attention  # noqa: F401

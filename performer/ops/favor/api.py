@@ -1,0 +1,54 @@
+"""performer.favor_attention: validate -> dispatch -> run."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import _dispatch
+from ..._C_loader import unavailable_reason
+from ..._validate import FLOAT_DTYPES, validate_favor
+from .cpp import favor_cpp
+from .reference import favor_torch
+
+OP = "favor_attention"
+
+_dispatch.register(OP, _dispatch.Backend(
+    name="cpp", devices=("cpu",), dtypes=FLOAT_DTYPES, run=favor_cpp, available=unavailable_reason))
+_dispatch.register(OP, _dispatch.Backend(
+    name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=False,
+    run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel)))
+
+
+def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
+                    dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None, *,
+                    features: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                    kernel: str = "softmax", backend: Optional[str] = None) -> torch.Tensor:
+    """FAVOR+ attention: a linear-time, linear-memory approximation of
+    ``torch.nn.functional.scaled_dot_product_attention`` (softmax(scale * Q K^T) V).
+
+    Args:
+        query: (..., L, E). Leading dimensions are (N, ..., H); N is the batch.
+        key: (..., S, E), the query's leading dimensions except that its head dimension (-3) may
+            divide the query's (grouped-query attention: query head h uses key head h // (H // Hk)).
+        value: (..., S, Ev), the key's leading dimensions.
+        attn_mask, dropout_p: accepted for signature compatibility; only None and 0.0 (FAVOR+ has
+            no attention matrix to mask or drop from; use ``is_causal`` or ``key_padding_mask``).
+        is_causal: position t attends to keys 0..t only; needs L == S.
+        scale: softmax temperature, default 1/sqrt(E); applied as sqrt(scale) to query and key.
+        features: (m, E) random projection, e.g. ``performer.orthogonal_features(m, E)``; a
+            constant: no gradient flows to it. More rows, better approximation.
+        key_padding_mask: bool (N, S) ((S,) for 2-D inputs); True ignores that key, exactly as if
+            it were removed. A query with no visible key returns zeros.
+        kernel: "softmax" (positive random features, approximates softmax attention) or "relu"
+            (generalized attention with features relu(W x) + 1e-3).
+        backend: None picks the first backend that supports the inputs ("cpp" on the CPU);
+            "cpp" or "torch" (plain PyTorch, any device) forces one.
+
+    Returns:
+        (..., L, Ev) in the query's dtype. Internally float32 accumulation (float64 for float64).
+    """
+    args = validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
+                          key_padding_mask, kernel)
+    impl = _dispatch.select(OP, args, backend)
+    return impl.run(args).reshape(args.out_shape)
