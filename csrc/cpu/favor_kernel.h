@@ -14,7 +14,8 @@
 // recomputes features; causal backward is a forward sweep for dq and a reverse sweep for dk, dv.
 #pragma once
 
-static constexpr int64_t kChunk = 64;
+// Rows per chunk: a multiple of the GEMM tile height near 64, so chunk products use full tiles.
+static constexpr int64_t kChunk = kMR * (64 / kMR);
 static constexpr double kReluEps = 1e-3;  // keep in sync with performer/ops/favor/reference.py
 
 // ---- element conversion ----------------------------------------------------------------------
@@ -54,7 +55,12 @@ static void load_rows(const View& v, DType dt, int64_t b, int64_t h, int64_t t0,
     T* out = dst + r * ld;
     switch (dt) {
       case DType::f32: { const float* s = static_cast<const float*>(v.data) + off;
-        for (int64_t d = 0; d < D; ++d) out[d] = mul * T(s[d * cs]); } break;
+        if (cs == 1) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) out[d] = mul * T(s[d]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) out[d] = mul * T(s[d * cs]);
+        } } break;
       case DType::f64: { const double* s = static_cast<const double*>(v.data) + off;
         for (int64_t d = 0; d < D; ++d) out[d] = mul * T(s[d * cs]); } break;
       case DType::bf16: { const uint16_t* s = static_cast<const uint16_t*>(v.data) + off;
@@ -73,6 +79,7 @@ static void store_rows(void* base, DType dt, int64_t off, int64_t n, int64_t D, 
     const int64_t o = off + r * D;
     switch (dt) {
       case DType::f32: { float* d = static_cast<float*>(base) + o;
+#pragma omp simd
         for (int64_t j = 0; j < D; ++j) d[j] = float(mul * in[j]); } break;
       case DType::f64: { double* d = static_cast<double*>(base) + o;
         for (int64_t j = 0; j < D; ++j) d[j] = double(mul * in[j]); } break;
@@ -84,62 +91,115 @@ static void store_rows(void* base, DType dt, int64_t off, int64_t n, int64_t D, 
   }
 }
 
+// ---- small vector helpers ----------------------------------------------------------------------
+
+template <typename T>
+static inline T row_max(const T* x, int64_t n) {
+  T mx = T(kNegInf);
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+template <typename T>
+static inline T dot(const T* x, const T* y, int64_t n) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+template <typename T>
+static inline void axpy(T alpha, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
 // ---- per-thread context ----------------------------------------------------------------------
 
 template <typename T>
 struct Favor {
   const FavorParams& p;
-  const int64_t C, m, E, Ev, Ev1, g;
+  const int64_t C, m, E, Ev, g;
   const T c;
   const T* W;
   const bool softmax;
   T* const state_out;
   T* const den_out;
   T* const shift_out;
-  // Thread-local buffers: rows of q', k', V_aug; projections and features of a chunk; intra-chunk
-  // products; the state [S, z] and its gradient / the reverse-sweep accumulator.
-  Scratch<T> qc_, kc_, vaug_, u_, phiq_, w_, phik_, a_, da_, oaug_, gaug_, dphiq_, dphik_, dv_, dx_, st_, dst_, rows_;
-  T *qc, *kc, *vaug, *u, *phiq, *w, *phik, *a, *da, *oaug, *gaug, *dphiq, *dphik, *dv, *dx, *st, *dst, *ms, *ref, *rsum;
+  // Thread-local buffers (rows of a chunk unless noted): q', k', v; projections u (queries) and w
+  // (keys) and features phiq, phik; intra-chunk products a, da; numerators / gradients with
+  // respect to them; the state S (m x Ev) and z (m), and dS/dz or the reverse-sweep P/p.
+  Scratch<T> qc_, kc_, vc_, u_, phiq_, w_, phik_, a_, da_, num_, gq_, dphiq_, dphik_, dv_, dx_, st_, dst_, rows_;
+  T *qc, *kc, *vc, *u, *phiq, *w, *phik, *a, *da, *num, *gq, *dphiq, *dphik, *dv, *dx, *S, *z, *dS, *dz;
+  T *ms, *ref, *rsum, *dens, *beta, *ones;
   GemmScratch<T> gs;
+  PackedB<T> w_t, w_n, s_p, chunk_p;  // W^T (E x m), W (m x E), the state, a per-chunk operand
 
   explicit Favor(const FavorParams& p_)
-      : p(p_), C(kChunk), m(p_.m), E(p_.E), Ev(p_.Ev), Ev1(p_.Ev + 1), g(p_.H / p_.Hk),
+      : p(p_), C(kChunk), m(p_.m), E(p_.E), Ev(p_.Ev), g(p_.H / p_.Hk),
         c(T(__builtin_sqrt(p_.scale))), W(static_cast<const T*>(p_.features)), softmax(p_.kernel == Kernel::softmax),
         state_out(static_cast<T*>(p_.state)), den_out(static_cast<T*>(p_.den)), shift_out(static_cast<T*>(p_.key_shift)) {
-    qc = qc_.get(C * E); kc = kc_.get(C * E); vaug = vaug_.get(C * Ev1);
+    qc = qc_.get(C * E); kc = kc_.get(C * E); vc = vc_.get(C * Ev);
     u = u_.get(C * m); phiq = phiq_.get(C * m); w = w_.get(C * m); phik = phik_.get(C * m);
-    a = a_.get(C * C); da = da_.get(C * C); oaug = oaug_.get(C * Ev1); gaug = gaug_.get(C * Ev1);
-    dphiq = dphiq_.get(C * m); dphik = dphik_.get(C * m); dv = dv_.get(C * Ev1); dx = dx_.get(C * E);
-    st = st_.get(m * Ev1); dst = dst_.get(m * Ev1);
-    ms = rows_.get(3 * C); ref = ms + C; rsum = ms + 2 * C;
+    a = a_.get(C * C); da = da_.get(C * C); num = num_.get(C * Ev); gq = gq_.get(C * Ev);
+    dphiq = dphiq_.get(C * m); dphik = dphik_.get(C * m); dv = dv_.get(C * Ev); dx = dx_.get(C * E);
+    S = st_.get(m * Ev + m); z = S + m * Ev;
+    dS = dst_.get(m * Ev + m); dz = dS + m * Ev;
+    ms = rows_.get(6 * C); ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
+    for (int64_t i = 0; i < C; ++i) ones[i] = T(1);
+    w_t.pack(E, m, Mat<T>{W, 1, E});
+    w_n.pack(m, E, Mat<T>{W, E, 1});
   }
 
   void gemm_(int64_t M, int64_t N, int64_t K, const T* ap, int64_t ars, int64_t acs, const T* bp, int64_t brs,
              int64_t bcs, T* cp, int64_t ldc, bool accumulate) {
     gemm(M, N, K, Mat<T>{ap, ars, acs}, Mat<T>{bp, brs, bcs}, cp, ldc, accumulate, gs);
   }
+  void gemm_(int64_t M, const PackedB<T>& b, const T* ap, int64_t ars, int64_t acs, T* cp, int64_t ldc,
+             bool accumulate) {
+    gemm(M, b, Mat<T>{ap, ars, acs}, cp, ldc, accumulate, gs);
+  }
 
   const bool* mask_rows(int64_t b, int64_t s0) const { return p.mask ? p.mask + b * p.S + s0 : nullptr; }
   T* shift_of(int64_t b, int64_t hk) const { return shift_out + (b * p.Hk + hk) * p.S; }
+  T* state_of(int64_t b, int64_t hk) const { return state_out + (b * p.Hk + hk) * m * (Ev + 1); }
 
-  // k' and V_aug rows of keys [s0, s0+n); projections into w and per-row maxima into ms
+  void zero(T* x, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) x[i] = T(0);
+  }
+
+  // The (m, Ev + 1) state tensor <-> the working S (m x Ev) and z (m).
+  void save_state(int64_t b, int64_t hk) const {
+    T* out = state_of(b, hk);
+    for (int64_t j = 0; j < m; ++j) {
+      for (int64_t e = 0; e < Ev; ++e) out[j * (Ev + 1) + e] = S[j * Ev + e];
+      out[j * (Ev + 1) + Ev] = z[j];
+    }
+  }
+  void load_state(int64_t b, int64_t hk) {
+    const T* in = state_of(b, hk);
+    for (int64_t j = 0; j < m; ++j) {
+      for (int64_t e = 0; e < Ev; ++e) S[j * Ev + e] = in[j * (Ev + 1) + e];
+      z[j] = in[j * (Ev + 1) + Ev];
+    }
+  }
+
+  // k' and v rows of keys [s0, s0+n); projections into w and per-row maxima into ms
   // (softmax: max_j w_sj; relu: 0; padding: -inf).
   void load_keys(int64_t b, int64_t hk, int64_t s0, int64_t n) {
     load_rows<T>(p.k, p.dtype, b, hk, s0, n, E, c, kc, E);
-    load_rows<T>(p.v, p.dtype, b, hk, s0, n, Ev, T(1), vaug, Ev1);
-    for (int64_t s = 0; s < n; ++s) vaug[s * Ev1 + Ev] = T(1);
-    gemm_(n, m, E, kc, E, 1, W, 1, E, w, m, false);
+    load_rows<T>(p.v, p.dtype, b, hk, s0, n, Ev, T(1), vc, Ev);
+    gemm_(n, w_t, kc, E, 1, w, m, false);
     const bool* mk = mask_rows(b, s0);
     for (int64_t s = 0; s < n; ++s) {
       T* ws = w + s * m;
       if (mk && mk[s]) { ms[s] = T(kNegInf); continue; }
       if (!softmax) { ms[s] = T(0); continue; }
-      T half_norm = 0;
-      for (int64_t e = 0; e < E; ++e) half_norm += kc[s * E + e] * kc[s * E + e];
-      half_norm *= T(0.5);
-      T mx = T(kNegInf);
-      for (int64_t j = 0; j < m; ++j) { ws[j] -= half_norm; mx = fmax2(mx, ws[j]); }
-      ms[s] = mx;
+      const T half_norm = T(0.5) * dot(kc + s * E, kc + s * E, E);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ws[j] -= half_norm;
+      ms[s] = row_max(ws, m);
     }
   }
 
@@ -150,12 +210,13 @@ struct Favor {
       const T* ws = w + s * m;
       T* ph = phik + s * m;
       if ((mk && mk[s]) || refs[s] == T(kNegInf)) {
-        for (int64_t j = 0; j < m; ++j) ph[j] = T(0);
+        zero(ph, m);
       } else if (softmax) {
         const T r = refs[s];
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ws[j] - r);
       } else {
+#pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = (ws[j] > T(0) ? ws[j] : T(0)) + T(kReluEps);
       }
     }
@@ -163,16 +224,16 @@ struct Favor {
 
   void query_features(int64_t b, int64_t h, int64_t t0, int64_t n) {
     load_rows<T>(p.q, p.dtype, b, h, t0, n, E, c, qc, E);
-    gemm_(n, m, E, qc, E, 1, W, 1, E, u, m, false);
+    gemm_(n, w_t, qc, E, 1, u, m, false);
     for (int64_t t = 0; t < n; ++t) {
       const T* ut = u + t * m;
       T* ph = phiq + t * m;
       if (softmax) {
-        T mx = T(kNegInf);
-        for (int64_t j = 0; j < m; ++j) mx = fmax2(mx, ut[j]);
+        const T mx = row_max(ut, m);
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ut[j] - mx);
       } else {
+#pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = (ut[j] > T(0) ? ut[j] : T(0)) + T(kReluEps);
       }
     }
@@ -194,36 +255,34 @@ struct Favor {
         for (int64_t j = 0; j < width; ++j) x[r * ld + j] *= f[r];
   }
 
-  // oaug = [numerator, denominator] rows -> out rows (dtype) and den; zero where den == 0.
+  // Chunk results -> out rows (dtype) and den; zero where den == 0.
   void finish_rows(int64_t b, int64_t h, int64_t t0, int64_t n) {
     T* den = den_out + (b * p.H + h) * p.L + t0;
     for (int64_t t = 0; t < n; ++t) {
-      const T d = oaug[t * Ev1 + Ev];
-      den[t] = d;
-      const T inv = d > T(0) ? T(1) / d : T(0);
-      for (int64_t e = 0; e < Ev; ++e) oaug[t * Ev1 + e] *= inv;
+      den[t] = dens[t];
+      const T inv = dens[t] > T(0) ? T(1) / dens[t] : T(0);
+      for (int64_t e = 0; e < Ev; ++e) num[t * Ev + e] *= inv;
     }
-    store_rows<T>(p.out.data, p.dtype, ((b * p.H + h) * p.L + t0) * Ev, n, Ev, T(1), oaug, Ev1);
+    store_rows<T>(p.out.data, p.dtype, ((b * p.H + h) * p.L + t0) * Ev, n, Ev, T(1), num, Ev);
   }
 
-  // gaug[t] = [g_t / den_t, -(g_t . out_t) / den_t]: the gradient with respect to [num_t, den_t].
+  // The gradient with respect to a query's numerator and denominator: gq_t = g_t / den_t and
+  // -beta_t with beta_t = (g_t . out_t) / den_t (zero where den_t == 0).
   void grad_rows(int64_t b, int64_t h, int64_t t0, int64_t n) {
     const T* den = den_out + (b * p.H + h) * p.L + t0;
-    load_rows<T>(p.grad_out, p.dtype, b, h, t0, n, Ev, T(1), gaug, Ev1);
-    load_rows<T>(p.out, p.dtype, b, h, t0, n, Ev, T(1), oaug, Ev1);
+    load_rows<T>(p.grad_out, p.dtype, b, h, t0, n, Ev, T(1), gq, Ev);
+    load_rows<T>(p.out, p.dtype, b, h, t0, n, Ev, T(1), num, Ev);
     for (int64_t t = 0; t < n; ++t) {
       const T inv = den[t] > T(0) ? T(1) / den[t] : T(0);
-      T dot = 0;
-      for (int64_t e = 0; e < Ev; ++e) dot += gaug[t * Ev1 + e] * oaug[t * Ev1 + e];
-      for (int64_t e = 0; e < Ev; ++e) gaug[t * Ev1 + e] *= inv;
-      gaug[t * Ev1 + Ev] = -dot * inv;
+      beta[t] = dot(gq + t * Ev, num + t * Ev, Ev) * inv;
+      for (int64_t e = 0; e < Ev; ++e) gq[t * Ev + e] *= inv;
     }
   }
 
   // dq rows from dphiq (in place: du = dphi_q * dphi_q/du) -> dq = c du W.
   void store_dq(int64_t b, int64_t h, int64_t t0, int64_t n) {
     for (int64_t i = 0; i < n * m; ++i) dphiq[i] *= softmax ? phiq[i] : (u[i] > T(0) ? T(1) : T(0));
-    gemm_(n, E, m, dphiq, m, 1, W, E, 1, dx, E, false);
+    gemm_(n, w_n, dphiq, m, 1, dx, E, false);
     store_rows<T>(p.dq, p.dtype, ((b * p.H + h) * p.L + t0) * E, n, E, c, dx, E);
   }
 
@@ -234,101 +293,145 @@ struct Favor {
       T* d = dphik + s * m;
       const T* ph = phik + s * m;
       const T* ws = w + s * m;
-      const bool masked = mk && mk[s];
-      T sum = 0;
-      for (int64_t j = 0; j < m; ++j) {
-        d[j] = masked ? T(0) : d[j] * (softmax ? ph[j] : (ws[j] > T(0) ? T(1) : T(0)));
-        sum += d[j];
+      if (mk && mk[s]) {
+        zero(d, m);
+      } else if (softmax) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) d[j] *= ph[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) d[j] = ws[j] > T(0) ? d[j] : T(0);
       }
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < m; ++j) sum += d[j];
       rsum[s] = sum;
     }
-    gemm_(n, E, m, dphik, m, 1, W, E, 1, dx, E, false);
+    gemm_(n, w_n, dphik, m, 1, dx, E, false);
     if (softmax)
-      for (int64_t s = 0; s < n; ++s)
-        for (int64_t e = 0; e < E; ++e) dx[s * E + e] -= kc[s * E + e] * rsum[s];
+      for (int64_t s = 0; s < n; ++s) axpy(-rsum[s], kc + s * E, dx + s * E, E);
     const int64_t row0 = (b * p.Hk + hk) * p.S + s0;
     store_rows<T>(p.dk, p.dtype, row0 * E, n, E, c, dx, E);
-    store_rows<T>(p.dv, p.dtype, row0 * Ev, n, Ev, T(1), dv, Ev1);
+    store_rows<T>(p.dv, p.dtype, row0 * Ev, n, Ev, T(1), dv, Ev);
   }
 
-  // S (m x Ev1) += phi_k^T V_aug for the n rows in phik/vaug.
-  void add_to_state(T* S, int64_t n) { gemm_(m, Ev1, n, phik, 1, m, vaug, Ev1, 1, S, Ev1, true); }
+  // [S, z] += phi_k^T [v, 1] for the n rows in phik / vc.
+  void add_to_state(int64_t n) {
+    gemm_(m, Ev, n, phik, 1, m, vc, Ev, 1, S, Ev, true);
+    for (int64_t s = 0; s < n; ++s) axpy(T(1), phik + s * m, z, m);
+  }
 
-  void scale_state(T* S, T f) const {
+  void scale_state(T* x, T f) const {
     if (f != T(1))
-      for (int64_t i = 0; i < m * Ev1; ++i) S[i] *= f;
+      for (int64_t i = 0; i < m * Ev + m; ++i) x[i] *= f;
+  }
+
+  // num/dens rows = phi_q [S, z] for the n rows in phiq, with S packed in s_p.
+  void apply_state(int64_t n) {
+    gemm_(n, s_p, phiq, m, 1, num, Ev, false);
+    for (int64_t t = 0; t < n; ++t) dens[t] = dot(phiq + t * m, z, m);
+  }
+
+  // dphi = gq X^T - beta x^T for n query rows: the gradient through [num, den] = phi [X, x] for
+  // X (rows x Ev, leading dim Ev) and x (rows); accumulate or overwrite.
+  void grad_through(int64_t n, const T* X, const T* x, int64_t rows, T* dphi, int64_t ldd, bool accumulate) {
+    gemm_(n, rows, Ev, gq, Ev, 1, X, 1, Ev, dphi, ldd, accumulate);
+    for (int64_t t = 0; t < n; ++t) axpy(-beta[t], x, dphi + t * ldd, rows);
   }
 
   // ---- forward ----
 
-  void forward_bidirectional(int64_t b, int64_t hk) {
-    T* S = state_out + (b * p.Hk + hk) * m * Ev1;
-    for (int64_t i = 0; i < m * Ev1; ++i) S[i] = T(0);
-    T M = T(kNegInf);
-    for (int64_t s0 = 0; s0 < p.S; s0 += C) {
-      const int64_t n = imin(C, p.S - s0);
+  // [S, z] (relative to the running maximum M, updated) += the keys [s_begin, s_end).
+  void accumulate_keys(int64_t b, int64_t hk, int64_t s_begin, int64_t s_end, T& M) {
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += C) {
+      const int64_t n = imin(C, s_end - s0);
       load_keys(b, hk, s0, n);
       T Mn = M;
       for (int64_t s = 0; s < n; ++s) Mn = fmax2(Mn, ms[s]);
       scale_state(S, rescale(M, Mn));
       for (int64_t s = 0; s < n; ++s) ref[s] = Mn;
       key_features(b, s0, n, ref);
-      add_to_state(S, n);
+      add_to_state(n);
       M = Mn;
     }
-    T* shift = shift_of(b, hk);
-    for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
-    for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
-      for (int64_t t0 = 0; t0 < p.L; t0 += C) {
-        const int64_t n = imin(C, p.L - t0);
-        query_features(b, h, t0, n);
-        gemm_(n, Ev1, m, phiq, m, 1, S, Ev1, 1, oaug, Ev1, false);
-        finish_rows(b, h, t0, n);
-      }
   }
 
-  void forward_causal(int64_t b, int64_t hk) {
-    T* S = state_out + (b * p.Hk + hk) * m * Ev1;
-    for (int64_t i = 0; i < m * Ev1; ++i) S[i] = T(0);
-    T* shift = shift_of(b, hk);
+  // Outputs of query head h, rows [t_begin, t_end), from the final [S, z].
+  void output_rows(int64_t b, int64_t h, int64_t t_begin, int64_t t_end) {
+    s_p.pack(m, Ev, Mat<T>{S, Ev, 1});
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
+      const int64_t n = imin(C, t_end - t0);
+      query_features(b, h, t0, n);
+      apply_state(n);
+      finish_rows(b, h, t0, n);
+    }
+  }
+
+  void forward_bidirectional(int64_t b, int64_t hk) {
+    zero(S, m * Ev + m);
     T M = T(kNegInf);
-    for (int64_t t0 = 0; t0 < p.L; t0 += C) {
-      const int64_t n = imin(C, p.L - t0);
+    accumulate_keys(b, hk, 0, p.S, M);
+    save_state(b, hk);
+    T* shift = shift_of(b, hk);
+    for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
+    for (int64_t h = hk * g; h < (hk + 1) * g; ++h) output_rows(b, h, 0, p.L);
+  }
+
+  // Causal outputs for positions [t_begin, t_end) of every query head of kv head hk, starting
+  // from [S, z] relative to M: the keys before t_begin.
+  void forward_causal(int64_t b, int64_t hk, int64_t t_begin, int64_t t_end, T M) {
+    T* shift = shift_of(b, hk);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
+      const int64_t n = imin(C, t_end - t0);
       load_keys(b, hk, t0, n);
       for (int64_t s = 0; s < n; ++s) shift[t0 + s] = ms[s] = fmax2(s ? ms[s - 1] : M, ms[s]);
       key_features(b, t0, n, ms);
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(M, ms[t]);
+      s_p.pack(m, Ev, Mat<T>{S, Ev, 1});
+      chunk_p.pack(m, n, Mat<T>{phik, 1, m});
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         query_features(b, h, t0, n);
-        gemm_(n, n, m, phiq, m, 1, phik, 1, m, a, C, false);
+        gemm_(n, chunk_p, phiq, m, 1, a, C, false);
         causal_weights(a, n);
-        gemm_(n, Ev1, m, phiq, m, 1, S, Ev1, 1, oaug, Ev1, false);
-        scale_rows(oaug, n, Ev1, Ev1, ref);
-        gemm_(n, Ev1, n, a, C, 1, vaug, Ev1, 1, oaug, Ev1, true);
+        apply_state(n);
+        scale_rows(num, n, Ev, Ev, ref);
+        for (int64_t t = 0; t < n; ++t) dens[t] *= ref[t];
+        gemm_(n, Ev, n, a, C, 1, vc, Ev, 1, num, Ev, true);
+        for (int64_t t = 0; t < n; ++t) {
+          T sum = 0;
+          for (int64_t s = 0; s <= t; ++s) sum += a[t * C + s];
+          dens[t] += sum;
+        }
         finish_rows(b, h, t0, n);
       }
       const T Mend = ms[n - 1];
       scale_state(S, rescale(M, Mend));
       for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mend);
       scale_rows(phik, n, m, m, ref);
-      add_to_state(S, n);
+      add_to_state(n);
       M = Mend;
     }
+  }
+
+  void forward_causal(int64_t b, int64_t hk) {
+    zero(S, m * Ev + m);
+    forward_causal(b, hk, 0, p.L, T(kNegInf));
+    save_state(b, hk);
   }
 
   // ---- backward ----
 
   void backward_bidirectional(int64_t b, int64_t hk) {
-    const T* S = state_out + (b * p.Hk + hk) * m * Ev1;
-    T* dS = dst;
-    for (int64_t i = 0; i < m * Ev1; ++i) dS[i] = T(0);
+    load_state(b, hk);
+    zero(dS, m * Ev + m);
     for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
       for (int64_t t0 = 0; t0 < p.L; t0 += C) {
         const int64_t n = imin(C, p.L - t0);
         query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
-        gemm_(n, m, Ev1, gaug, Ev1, 1, S, 1, Ev1, dphiq, m, false);
-        gemm_(m, Ev1, n, phiq, 1, m, gaug, Ev1, 1, dS, Ev1, true);
+        grad_through(n, S, z, m, dphiq, m, false);
+        gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
+        for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, dz, m);
         store_dq(b, h, t0, n);
       }
     const T M = p.S > 0 ? shift_of(b, hk)[0] : T(kNegInf);
@@ -337,8 +440,9 @@ struct Favor {
       load_keys(b, hk, s0, n);
       for (int64_t s = 0; s < n; ++s) ref[s] = M;
       key_features(b, s0, n, ref);
-      gemm_(n, m, Ev1, vaug, Ev1, 1, dS, 1, Ev1, dphik, m, false);
-      gemm_(n, Ev, m, phik, m, 1, dS, Ev1, 1, dv, Ev1, false);
+      gemm_(n, m, Ev, vc, Ev, 1, dS, 1, Ev, dphik, m, false);
+      for (int64_t s = 0; s < n; ++s) axpy(T(1), dz, dphik + s * m, m);
+      gemm_(n, Ev, m, phik, m, 1, dS, Ev, 1, dv, Ev, false);
       store_dk_dv(b, hk, s0, n);
     }
   }
@@ -346,8 +450,7 @@ struct Favor {
   void backward_causal(int64_t b, int64_t hk) {
     const T* shift = shift_of(b, hk);
     // Forward sweep: dq from the intra-chunk weights and the state of earlier chunks.
-    T* S = st;
-    for (int64_t i = 0; i < m * Ev1; ++i) S[i] = T(0);
+    zero(S, m * Ev + m);
     for (int64_t t0 = 0; t0 < p.L; t0 += C) {
       const int64_t n = imin(C, p.L - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
@@ -358,23 +461,26 @@ struct Favor {
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
-        gemm_(n, n, Ev1, gaug, Ev1, 1, vaug, 1, Ev1, da, C, false);
+        grad_through(n, vc, ones, n, da, C, false);
         causal_weights(da, n);
         gemm_(n, m, n, da, C, 1, phik, m, 1, dphiq, m, false);
-        scale_rows(gaug, n, Ev1, Ev1, ref);
-        gemm_(n, m, Ev1, gaug, Ev1, 1, S, 1, Ev1, dphiq, m, true);
+        scale_rows(gq, n, Ev, Ev, ref);
+        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        grad_through(n, S, z, m, dphiq, m, true);
         store_dq(b, h, t0, n);
       }
       const T Mend = ms[n - 1];
       scale_state(S, rescale(Mprev, Mend));
       for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mend);
       scale_rows(phik, n, m, m, ref);
-      add_to_state(S, n);
+      add_to_state(n);
     }
-    // Reverse sweep: dk, dv from the intra-chunk weights and P, the sum over later queries of
-    // e^{Mc - m_t} phi_q(t) gaug_t^T, held relative to the running maximum Mc at the chunk's end.
-    T* P = dst;
-    for (int64_t i = 0; i < m * Ev1; ++i) P[i] = T(0);
+    // Reverse sweep: dk, dv from the intra-chunk weights and [P, p], the sum over later queries
+    // of e^{Mc - m_t} phi_q(t) [gq_t, -beta_t]^T, relative to the running maximum Mc at the
+    // chunk's end.
+    T* P = dS;
+    T* pv = dz;
+    zero(P, m * Ev + m);
     for (int64_t t0 = ((p.L - 1) / C) * C; t0 >= 0 && p.L > 0; t0 -= C) {
       const int64_t n = imin(C, p.L - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
@@ -382,33 +488,123 @@ struct Favor {
       for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
       key_features(b, t0, n, ms);
       const T Mc = ms[n - 1];
-      gemm_(n, m, Ev1, vaug, Ev1, 1, P, 1, Ev1, dphik, m, false);
-      gemm_(n, Ev, m, phik, m, 1, P, Ev1, 1, dv, Ev1, false);
+      gemm_(n, m, Ev, vc, Ev, 1, P, 1, Ev, dphik, m, false);
+      for (int64_t s = 0; s < n; ++s) axpy(T(1), pv, dphik + s * m, m);
+      gemm_(n, Ev, m, phik, m, 1, P, Ev, 1, dv, Ev, false);
       for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mc);
       scale_rows(dphik, n, m, m, ref);
-      scale_rows(dv, n, Ev1, Ev, ref);
+      scale_rows(dv, n, Ev, Ev, ref);
       scale_state(P, rescale(Mprev, Mc));
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(Mprev, ms[t]);
+      chunk_p.pack(m, n, Mat<T>{phik, 1, m});
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
-        gemm_(n, n, m, phiq, m, 1, phik, 1, m, a, C, false);
+        gemm_(n, chunk_p, phiq, m, 1, a, C, false);
         causal_weights(a, n);
-        gemm_(n, n, Ev1, gaug, Ev1, 1, vaug, 1, Ev1, da, C, false);
+        grad_through(n, vc, ones, n, da, C, false);
         causal_weights(da, n);
         gemm_(n, m, n, da, 1, C, phiq, m, 1, dphik, m, true);
-        gemm_(n, Ev, n, a, 1, C, gaug, Ev1, 1, dv, Ev1, true);
-        scale_rows(gaug, n, Ev1, Ev1, ref);
-        gemm_(m, Ev1, n, phiq, 1, m, gaug, Ev1, 1, P, Ev1, true);
+        gemm_(n, Ev, n, a, 1, C, gq, Ev, 1, dv, Ev, true);
+        scale_rows(gq, n, Ev, Ev, ref);
+        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, P, Ev, true);
+        for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, pv, m);
       }
       store_dk_dv(b, hk, t0, n);
     }
   }
 };
 
+// Partial states of sequence segments: [S, z] (m * Ev + m values) and their reference maximum.
+template <typename T>
+struct Partials {
+  Scratch<T> values, maxima;
+  int64_t size;
+  Partials(int64_t count, int64_t size_) : size(size_) { values.get(count * size); maxima.get(count); }
+  T* state(int64_t i) { return values.p + i * size; }
+};
+
+// dst (relative to Md) += src (relative to Ms); Md becomes the larger reference.
+template <typename T>
+static void combine_states(T* dst, T& Md, const T* src, T Ms, int64_t size) {
+  const T M = fmax2(Md, Ms), fd = rescale(Md, M), fs = rescale(Ms, M);
+  for (int64_t i = 0; i < size; ++i) dst[i] = dst[i] * fd + src[i] * fs;
+  Md = M;
+}
+
+// The forward pass split over `segs` segments of the sequence per (batch, kv head), for when
+// there are fewer (batch, kv head) pairs than threads. Bidirectional: partial key states are
+// reduced, then query segments run in parallel. Causal: a two-pass scan: each segment's own
+// key state, a prefix combine, then every segment from its start state.
+template <typename T>
+static void forward_split(const FavorParams& p, int64_t segs) {
+  const int64_t items = p.B * p.Hk, g = p.H / p.Hk, seq = p.causal ? p.L : p.S;
+  const int64_t seg_len = ((seq + segs - 1) / segs + kChunk - 1) / kChunk * kChunk;
+  const int64_t state_size = p.m * p.Ev + p.m;
+  Partials<T> part(items * segs, state_size);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Favor<T> f(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * segs; ++u) {
+      const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
+      T M = T(kNegInf);
+      f.zero(f.S, state_size);
+      f.accumulate_keys(b, hk, imin(j * seg_len, seq), imin((j + 1) * seg_len, seq), M);
+      for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.S[i];
+      part.maxima.p[u] = M;
+    }
+#pragma omp for
+    for (int64_t it = 0; it < items; ++it) {  // exclusive prefix (causal) or total (bidirectional)
+      T* acc = f.dS;
+      T M = T(kNegInf);
+      f.zero(acc, state_size);
+      for (int64_t j = 0; j < segs; ++j) {
+        const int64_t u = it * segs + j;
+        const T Mj = part.maxima.p[u];
+        if (p.causal) {
+          for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
+          for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = acc[i];
+          part.maxima.p[u] = M;
+          combine_states(acc, M, f.S, Mj, state_size);
+        } else {
+          combine_states(acc, M, part.state(u), Mj, state_size);
+        }
+      }
+      if (!p.causal) {
+        for (int64_t i = 0; i < state_size; ++i) f.S[i] = acc[i];
+        f.save_state(it / p.Hk, it % p.Hk);
+        T* shift = f.shift_of(it / p.Hk, it % p.Hk);
+        for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
+      }
+    }
+    const int64_t units = p.causal ? items * segs : items * g * segs;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t j = u % segs, t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
+      if (p.causal) {
+        const int64_t it = u / segs, b = it / p.Hk, hk = it % p.Hk;
+        for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
+        f.forward_causal(b, hk, t_begin, t_end, part.maxima.p[u]);
+        if (t_end == p.L && t_begin < t_end) f.save_state(b, hk);
+      } else {
+        const int64_t bh = u / segs, b = bh / p.H, h = bh % p.H;
+        f.load_state(b, h / g);
+        f.output_rows(b, h, t_begin, t_end);
+      }
+    }
+  }
+}
+
 template <typename T>
 static void run_items(const FavorParams& p, bool backward) {
   const int64_t items = p.B * p.Hk;
+  const int64_t seq = p.causal ? p.L : imax(p.L, p.S);
+  if (!backward && items < p.num_threads && seq >= 2 * kChunk) {
+    forward_split<T>(p, imin(p.num_threads, seq / kChunk));
+    return;
+  }
 #pragma omp parallel num_threads(p.num_threads)
   {
     Favor<T> f(p);

@@ -8,10 +8,6 @@ static constexpr int kMR = PERFORMER_GEMM_MR;
 static constexpr int kNR = 2 * kVecFloats;
 static constexpr int64_t kKC = 256, kMC = 16 * kMR, kNC = 1024;
 
-template <typename T>
-struct GemmScratch {
-  Scratch<T> a, b;
-};
 
 // Strided matrix view: element (i, j) at p[i * rs + j * cs].
 template <typename T>
@@ -48,20 +44,20 @@ static void pack_b(const Mat<float>& b, int64_t k0, int64_t kc, int64_t j0, int6
   }
 }
 
-// c[0:mr, 0:nr] (+)= ap (kc x MR panel) * bp (kc x NR panel)
+// c[0:mr, 0:nr] (+)= ap (kc x MR panel) * bp (kc x NR panel): MR x 2 registers of accumulators,
+// per k two loads of B and MR broadcasts of A.
 static inline void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp,
                                 float* __restrict c, int64_t ldc, bool accumulate, int64_t mr, int64_t nr) {
-  vfloat c0[kMR], c1[kMR];
+  vreg c0[kMR], c1[kMR];
 #pragma GCC unroll 16
-  for (int i = 0; i < kMR; ++i) c0[i] = c1[i] = vfloat{};
+  for (int i = 0; i < kMR; ++i) c0[i] = c1[i] = vzero();
   for (int64_t k = 0; k < kc; ++k) {
-    vfloat b0, b1;
-    __builtin_memcpy(&b0, bp, sizeof(vfloat));
-    __builtin_memcpy(&b1, bp + kVecFloats, sizeof(vfloat));
+    const vreg b0 = vload(bp), b1 = vload(bp + kVecFloats);
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
-      c0[i] += ap[i] * b0;
-      c1[i] += ap[i] * b1;
+      const vreg a = vbroadcast(ap[i]);
+      c0[i] = vfma(a, b0, c0[i]);
+      c1[i] = vfma(a, b1, c1[i]);
     }
     ap += kMR;
     bp += kNR;
@@ -70,31 +66,59 @@ static inline void micro_kernel(int64_t kc, const float* __restrict ap, const fl
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
       float* row = c + i * ldc;
-      vfloat r0 = c0[i], r1 = c1[i];
       if (accumulate) {
-        vfloat o0, o1;
-        __builtin_memcpy(&o0, row, sizeof(vfloat));
-        __builtin_memcpy(&o1, row + kVecFloats, sizeof(vfloat));
-        r0 += o0;
-        r1 += o1;
+        c0[i] = vadd(c0[i], vload(row));
+        c1[i] = vadd(c1[i], vload(row + kVecFloats));
       }
-      __builtin_memcpy(row, &r0, sizeof(vfloat));
-      __builtin_memcpy(row + kVecFloats, &r1, sizeof(vfloat));
+      vstore(row, c0[i]);
+      vstore(row + kVecFloats, c1[i]);
     }
     return;
   }
   alignas(64) float tile[kMR * kNR];
+#pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i) {
-    __builtin_memcpy(tile + i * kNR, &c0[i], sizeof(vfloat));
-    __builtin_memcpy(tile + i * kNR + kVecFloats, &c1[i], sizeof(vfloat));
+    vstore(tile + i * kNR, c0[i]);
+    vstore(tile + i * kNR + kVecFloats, c1[i]);
   }
   for (int64_t i = 0; i < mr; ++i)
     for (int64_t j = 0; j < nr; ++j)
       c[i * ldc + j] = (accumulate ? c[i * ldc + j] : 0.f) + tile[i * kNR + j];
 }
 
-static void gemm(int64_t M, int64_t N, int64_t K, Mat<float> a, Mat<float> b, float* c, int64_t ldc,
-                 bool accumulate, GemmScratch<float>& ws) {
+// B (K x N) packed once into kKC-deep blocks of NR-wide panels, for reuse across many products:
+// block k0 starts at k0 * Npad, its panel p at p * NR * kc within the block.
+template <typename T>
+struct PackedB;
+
+template <>
+struct PackedB<float> {
+  Scratch<float> buf;
+  int64_t K = 0, N = 0, Npad = 0;
+  void pack(int64_t K_, int64_t N_, Mat<float> b) {
+    K = K_; N = N_; Npad = ((N + kNR - 1) / kNR) * kNR;
+    float* dst = buf.get(imax(1, K * Npad));
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) pack_b(b, k0, imin(kKC, K - k0), 0, N, dst + k0 * Npad);
+  }
+};
+
+template <>
+struct PackedB<double> {  // float64 is not packed: the view is kept
+  int64_t K = 0, N = 0;
+  Mat<double> src{nullptr, 0, 0};
+  void pack(int64_t K_, int64_t N_, Mat<double> b) { K = K_; N = N_; src = b; }
+};
+
+template <typename T>
+struct GemmScratch {
+  Scratch<T> a;
+  PackedB<T> bp;
+};
+
+// C[M x N] (+)= A B with B pre-packed.
+static void gemm(int64_t M, const PackedB<float>& b, Mat<float> a, float* c, int64_t ldc, bool accumulate,
+                 GemmScratch<float>& ws) {
+  const int64_t N = b.N, K = b.K;
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -102,26 +126,26 @@ static void gemm(int64_t M, int64_t N, int64_t K, Mat<float> a, Mat<float> b, fl
         for (int64_t j = 0; j < N; ++j) c[i * ldc + j] = 0.f;
     return;
   }
-  const int64_t nc_max = imin(kNC, ((N + kNR - 1) / kNR) * kNR);
-  const int64_t kc_max = imin(kKC, K);
-  float* bpack = ws.b.get(kc_max * nc_max);
-  float* apack = ws.a.get(kc_max * imin(kMC, ((M + kMR - 1) / kMR) * kMR));
-  for (int64_t j0 = 0; j0 < N; j0 += kNC) {
-    const int64_t nc = imin(kNC, N - j0);
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = imin(kKC, K - k0);
-      const bool acc = accumulate || k0 > 0;
-      pack_b(b, k0, kc, j0, nc, bpack);
-      for (int64_t i0 = 0; i0 < M; i0 += kMC) {
-        const int64_t mc = imin(kMC, M - i0);
-        pack_a(a, i0, mc, k0, kc, apack);
-        for (int64_t jr = 0; jr < nc; jr += kNR)
-          for (int64_t ir = 0; ir < mc; ir += kMR)
-            micro_kernel(kc, apack + ir * kc, bpack + jr * kc, c + (i0 + ir) * ldc + j0 + jr, ldc, acc,
-                         imin(kMR, mc - ir), imin(kNR, nc - jr));
-      }
+  float* apack = ws.a.get(imin(kKC, K) * imin(kMC, ((M + kMR - 1) / kMR) * kMR));
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = imin(kKC, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    const float* bblock = b.buf.p + k0 * b.Npad;
+    for (int64_t i0 = 0; i0 < M; i0 += kMC) {
+      const int64_t mc = imin(kMC, M - i0);
+      pack_a(a, i0, mc, k0, kc, apack);
+      for (int64_t jr = 0; jr < N; jr += kNR)
+        for (int64_t ir = 0; ir < mc; ir += kMR)
+          micro_kernel(kc, apack + ir * kc, bblock + jr * kc, c + (i0 + ir) * ldc + jr, ldc, acc,
+                       imin(kMR, mc - ir), imin(kNR, N - jr));
     }
   }
+}
+
+static void gemm(int64_t M, int64_t N, int64_t K, Mat<float> a, Mat<float> b, float* c, int64_t ldc,
+                 bool accumulate, GemmScratch<float>& ws) {
+  ws.bp.pack(K, N, b);
+  gemm(M, ws.bp, a, c, ldc, accumulate, ws);
 }
 
 // float64: the reference-precision path (tests, gradcheck); plain loops, no packing.
@@ -137,4 +161,9 @@ static void gemm(int64_t M, int64_t N, int64_t K, Mat<double> a, Mat<double> b, 
       for (int64_t j = 0; j < N; ++j) row[j] += aik * brow[j * b.cs];
     }
   }
+}
+
+static void gemm(int64_t M, const PackedB<double>& b, Mat<double> a, double* c, int64_t ldc, bool accumulate,
+                 GemmScratch<double>& ws) {
+  gemm(M, b.N, b.K, a, b.src, c, ldc, accumulate, ws);
 }

@@ -8,7 +8,33 @@
 #endif
 
 static constexpr int kVecFloats = PERFORMER_VEC_BYTES / 4;
-typedef float vfloat __attribute__((vector_size(PERFORMER_VEC_BYTES), aligned(4)));
+
+// One SIMD register of floats: intrinsics where the ISA has them, GCC vectors otherwise.
+#if defined(PERFORMER_ISA_AVX512)
+typedef __m512 vreg;
+static inline vreg vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vreg v) { _mm512_storeu_ps(p, v); }
+static inline vreg vbroadcast(float x) { return _mm512_set1_ps(x); }
+static inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
+static inline vreg vzero() { return _mm512_setzero_ps(); }
+#elif defined(PERFORMER_ISA_AVX2)
+typedef __m256 vreg;
+static inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vreg v) { _mm256_storeu_ps(p, v); }
+static inline vreg vbroadcast(float x) { return _mm256_set1_ps(x); }
+static inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
+static inline vreg vzero() { return _mm256_setzero_ps(); }
+#else
+typedef float vreg __attribute__((vector_size(PERFORMER_VEC_BYTES), aligned(4)));
+static inline vreg vload(const float* p) { vreg v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void vstore(float* p, vreg v) { __builtin_memcpy(p, &v, sizeof(v)); }
+static inline vreg vbroadcast(float x) { return vreg{} + x; }
+static inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
+static inline vreg vadd(vreg a, vreg b) { return a + b; }
+static inline vreg vzero() { return vreg{}; }
+#endif
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -1,0 +1,1 @@
+"""Microbenchmarks: `python -m performer.bench --help`."""

@@ -1,0 +1,23 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: creates .venv (once), installs torch 2.13.0 if
+# the environment has no torch, the other dependencies, and builds the extension in place.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+PY="$ROOT/.venv/bin/python"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "== installing torch 2.13.0"
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+if ! "$PY" -c "import numpy, pytest, pytest_benchmark, pybind11, ninja, setuptools, wheel" 2>/dev/null; then
+  echo "== installing numpy pytest pytest-benchmark pybind11 ninja"
+  "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel
+fi
+echo "== building performer._C"
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory" || true
+"$PY" -c "import performer, torch; print('performer ready, CPU kernels:', torch.ops.performer.cpu_isa())"
