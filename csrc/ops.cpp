@@ -11,13 +11,13 @@ TORCH_LIBRARY(performer, m) {
   // FAVOR+ attention on canonical (B, H, L, E) / (B, Hk, S, E) / (B, Hk, S, Ev) inputs, H % Hk == 0.
   // Returns out (B, H, L, Ev) in the input dtype and, in the accumulation dtype (float64 for
   // float64 inputs, else float32), what the backward needs: state (B, Hk, m, Ev + 1) = the final
-  // [phi_k^T V, phi_k^T 1], den (B, H, L) = the normalizer of each query, key_shift (B, Hk, S) =
-  // the stabilizing shift applied to each key's features.
+  // [phi_k^T V, phi_k^T 1]; den (B, H, L) = the normalizer of each query; query_shift (B, H, L) and
+  // key_shift (B, Hk, S) = the stabilizing shifts applied to each query's and key's features.
   m.def("favor_forward(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, "
-        "float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, "
-        "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor key_shift, float scale, "
-        "bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
+        "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor query_shift, "
+        "Tensor key_shift, float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
   // The instruction set whose CPU kernels run here: "baseline", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(performer::cpu::kernels().name); });
 }

@@ -135,7 +135,10 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"value must have shape (..., S, Ev) with the key's leading dimensions "
                          f"{tuple(k.shape[:-1])}; got shape {tuple(v.shape)}")
-    if q.dim() >= 3:
+    if q.dim() == 3 and q.shape[0] != k.shape[0]:
+        raise ValueError(f"key must have the query's batch size {q.shape[0]} (dimension 0 of (N, S, E)); "
+                         f"got shape {tuple(k.shape)} for query shape {tuple(q.shape)}")
+    if q.dim() >= 4:
         if q.shape[:-3] != k.shape[:-3]:
             raise ValueError(f"key must have the query's batch dimensions {tuple(q.shape[:-3])}; "
                              f"got shape {tuple(k.shape)} for query shape {tuple(q.shape)}")

@@ -84,7 +84,7 @@ FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal, c10::string_view kernel) {
   at::Tensor features_acc, mask_c;
@@ -94,19 +94,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward(
   at::Tensor out = at::empty({p.B, p.H, p.L, p.Ev}, q.options());
   at::Tensor state = at::empty({p.B, p.Hk, p.m, p.Ev + 1}, acc);
   at::Tensor den = at::empty({p.B, p.H, p.L}, acc);
+  at::Tensor query_shift = at::empty({p.B, p.H, p.L}, acc);
   at::Tensor key_shift = at::empty({p.B, p.Hk, p.S}, acc);
   p.out = view_of(out);
   p.state = state.data_ptr();
   p.den = den.data_ptr();
+  p.query_shift = query_shift.data_ptr();
   p.key_shift = key_shift.data_ptr();
   kernels().favor_forward(p);
-  return {out, state, den, key_shift};
+  return {out, state, den, query_shift, key_shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& state, const at::Tensor& den, const at::Tensor& key_shift, double scale, bool causal,
+    const at::Tensor& state, const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift,
+    double scale, bool causal,
     c10::string_view kernel) {
   at::Tensor features_acc, mask_c;
   FavorParams p = make_params(q, k, v, features, key_padding_mask, scale, causal,
@@ -121,14 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward(
   }
   const std::tuple<const at::Tensor*, const char*, std::vector<int64_t>> saved[] = {
       {&state, "state", {p.B, p.Hk, p.m, p.Ev + 1}}, {&den, "den", {p.B, p.H, p.L}},
-      {&key_shift, "key_shift", {p.B, p.Hk, p.S}}};
+      {&query_shift, "query_shift", {p.B, p.H, p.L}}, {&key_shift, "key_shift", {p.B, p.Hk, p.S}}};
   for (const auto& [t, name, shape] : saved) {
     PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), name, "have shape ", at::IntArrayRef(shape), "; got ",
                           "shape ", t->sizes());
     PERFORMER_CHECK_TYPE(t->scalar_type() == acc, name, "have dtype ", acc, "; got ", t->scalar_type());
     PERFORMER_CHECK_VALUE(t->device() == q.device(), name, "be on q's device", "; got ", t->device());
   }
-  at::Tensor state_c = state.contiguous(), den_c = den.contiguous(), shift_c = key_shift.contiguous();
+  at::Tensor state_c = state.contiguous(), den_c = den.contiguous(), qshift_c = query_shift.contiguous(),
+             shift_c = key_shift.contiguous();
   at::Tensor dq = at::empty({p.B, p.H, p.L, p.E}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hk, p.S, p.E}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hk, p.S, p.Ev}, q.options());
@@ -136,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward(
   p.grad_out = view_of(grad_out);
   p.state = state_c.data_ptr();
   p.den = den_c.data_ptr();
+  p.query_shift = qshift_c.data_ptr();
   p.key_shift = shift_c.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

@@ -6,7 +6,8 @@
 //   keys:     w_s = W k'_s - |k'_s|^2/2 (softmax) or W k'_s (relu);  phi_k(s) = exp(w_s - M)
 //   queries:  phi_q(t) = exp(W q'_t - max_j (W q'_t)_j)  (relu: relu(W q'_t) + eps)
 //   out_t     = phi_q(t)^T S / phi_q(t)^T z  with [S, z] = sum_s phi_k(s) V_aug(s)^T.
-// The shifts cancel exactly in the ratio and carry no gradient. Causal mode uses, for key s,
+// The shifts cancel exactly in the ratio and carry no gradient. A query's shift c_t is chosen so
+// that its normalizer stays >= 1 (see query_shift_*) and is saved for the backward pass. Causal mode uses, for key s,
 // the running maximum m_s of w over keys <= s, so nothing at position t depends on later keys:
 //   out_t ~ sum_{s <= t} phi_q(t).phi_k(s) e^{m_s - m_t} V_aug(s),  phi_k(s) = exp(w_s - m_s),
 // computed per chunk as a masked intra-chunk product plus phi_q times the state of earlier
@@ -16,7 +17,12 @@
 
 // Rows per chunk: a multiple of the GEMM tile height near 64, so chunk products use full tiles.
 static constexpr int64_t kChunk = kMR * (64 / kMR);
-static constexpr double kReluEps = 1e-3;  // keep in sync with performer/ops/favor/reference.py
+static constexpr double kReluEps = 1e-3;        // keep in sync with performer/ops/favor/reference.py
+static constexpr double kQueryShiftSpan = 30.0;  // query features stay <= e^30 (likewise)
+// A normalizer below this has no usable key weight: the query returns zeros, as one with no visible
+// key does (likewise). With features <= e^span, gradients g / den times features stay finite.
+template <typename T>
+static constexpr T kMinDen = sizeof(T) == 4 ? T(1e-15) : T(1e-200);
 
 // ---- element conversion ----------------------------------------------------------------------
 
@@ -126,27 +132,30 @@ struct Favor {
   const bool softmax;
   T* const state_out;
   T* const den_out;
+  T* const qshift_out;
   T* const shift_out;
   // Thread-local buffers (rows of a chunk unless noted): q', k', v; projections u (queries) and w
   // (keys) and features phiq, phik; intra-chunk products a, da; numerators / gradients with
   // respect to them; the state S (m x Ev) and z (m), and dS/dz or the reverse-sweep P/p.
-  Scratch<T> qc_, kc_, vc_, u_, phiq_, w_, phik_, a_, da_, num_, gq_, dphiq_, dphik_, dv_, dx_, st_, dst_, rows_;
+  Scratch<T> qc_, kc_, vc_, u_, phiq_, w_, phik_, a_, da_, num_, gq_, dphiq_, dphik_, dv_, dx_, st_, dst_, rows_, logz_;
   T *qc, *kc, *vc, *u, *phiq, *w, *phik, *a, *da, *num, *gq, *dphiq, *dphik, *dv, *dx, *S, *z, *dS, *dz;
-  T *ms, *ref, *rsum, *dens, *beta, *ones;
+  T *ms, *ref, *rsum, *dens, *beta, *ones, *qs, *logz;
   GemmScratch<T> gs;
   PackedB<T> w_t, w_n, s_p, chunk_p;  // W^T (E x m), W (m x E), the state, a per-chunk operand
 
   explicit Favor(const FavorParams& p_)
       : p(p_), C(kChunk), m(p_.m), E(p_.E), Ev(p_.Ev), g(p_.H / p_.Hk),
         c(T(__builtin_sqrt(p_.scale))), W(static_cast<const T*>(p_.features)), softmax(p_.kernel == Kernel::softmax),
-        state_out(static_cast<T*>(p_.state)), den_out(static_cast<T*>(p_.den)), shift_out(static_cast<T*>(p_.key_shift)) {
+        state_out(static_cast<T*>(p_.state)), den_out(static_cast<T*>(p_.den)),
+        qshift_out(static_cast<T*>(p_.query_shift)), shift_out(static_cast<T*>(p_.key_shift)) {
     qc = qc_.get(C * E); kc = kc_.get(C * E); vc = vc_.get(C * Ev);
     u = u_.get(C * m); phiq = phiq_.get(C * m); w = w_.get(C * m); phik = phik_.get(C * m);
     a = a_.get(C * C); da = da_.get(C * C); num = num_.get(C * Ev); gq = gq_.get(C * Ev);
     dphiq = dphiq_.get(C * m); dphik = dphik_.get(C * m); dv = dv_.get(C * Ev); dx = dx_.get(C * E);
     S = st_.get(m * Ev + m); z = S + m * Ev;
     dS = dst_.get(m * Ev + m); dz = dS + m * Ev;
-    ms = rows_.get(6 * C); ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
+    logz = logz_.get(m);
+    ms = rows_.get(7 * C); qs = ms + 6 * C; ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
     for (int64_t i = 0; i < C; ++i) ones[i] = T(1);
     w_t.pack(E, m, Mat<T>{W, 1, E});
     w_n.pack(m, E, Mat<T>{W, E, 1});
@@ -222,21 +231,72 @@ struct Favor {
     }
   }
 
-  void query_features(int64_t b, int64_t h, int64_t t0, int64_t n) {
+  // u = W q' for queries [t0, t0+n) of head h.
+  void project_queries(int64_t b, int64_t h, int64_t t0, int64_t n) {
     load_rows<T>(p.q, p.dtype, b, h, t0, n, E, c, qc, E);
     gemm_(n, w_t, qc, E, 1, u, m, false);
+  }
+
+  // phi_q(t) = exp(u_t - qs[t]) (relu: relu(u_t) + eps).
+  void query_features(int64_t n) {
     for (int64_t t = 0; t < n; ++t) {
       const T* ut = u + t * m;
       T* ph = phiq + t * m;
       if (softmax) {
-        const T mx = row_max(ut, m);
+        const T sh = qs[t];
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ut[j] - mx);
+        for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ut[j] - sh);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = (ut[j] > T(0) ? ut[j] : T(0)) + T(kReluEps);
       }
     }
+  }
+
+  // Query shifts. With lam_tj <= log Z_tj, where Z_t is the key normalizer that query t sees,
+  // c_t = max(max_j (u_tj + lam_tj), max_j u_tj - span) makes den_t >= 1 whenever the first term
+  // wins, and phi_q <= e^span always: outputs and gradients stay finite for logits of any size.
+  void set_log_normalizer() {
+    for (int64_t j = 0; j < m; ++j) logz[j] = z[j] > T(0) ? T(::log(double(z[j]))) : T(kNegInf);
+  }
+  T shift_from(const T* ut, const T* lam) const {
+    T best = T(kNegInf);
+#pragma omp simd reduction(max : best)
+    for (int64_t j = 0; j < m; ++j) best = ut[j] + lam[j] > best ? ut[j] + lam[j] : best;
+    return fmax2(best, row_max(ut, m) - T(kQueryShiftSpan));
+  }
+  // Bidirectional: lam = log z, the final normalizer.
+  void query_shift_bidirectional(int64_t n) {
+    for (int64_t t = 0; t < n; ++t) qs[t] = softmax ? shift_from(u + t * m, logz) : T(0);
+  }
+  // Causal: lam_t = max(log z_prev + Mprev - m_t, w_t - m_t): the state before the chunk and key t
+  // itself, both parts of Z_t; nothing after position t.
+  void query_shift_causal(int64_t b, int64_t t0, int64_t n, T Mprev) {
+    const bool* mk = mask_rows(b, t0);
+    T* lam = dphiq;  // scratch row
+    for (int64_t t = 0; t < n; ++t) {
+      if (!softmax) { qs[t] = T(0); continue; }
+      const T off = (Mprev == T(kNegInf) || ms[t] == T(kNegInf)) ? T(kNegInf) : Mprev - ms[t];
+      const T* wt = w + t * m;
+      const bool key_visible = !(mk && mk[t]) && ms[t] != T(kNegInf);
+      for (int64_t j = 0; j < m; ++j) {
+        const T from_state = logz[j] + off;
+        const T from_key = key_visible ? wt[j] - ms[t] : T(kNegInf);
+        lam[j] = fmax2(from_state, from_key);
+      }
+      qs[t] = shift_from(u + t * m, lam);
+    }
+  }
+  // The saved shifts of queries [t0, t0+n) of head h (backward).
+  void load_query_shift(int64_t b, int64_t h, int64_t t0, int64_t n) {
+    const T* src = qshift_out + (b * p.H + h) * p.L + t0;
+    for (int64_t t = 0; t < n; ++t) qs[t] = src[t];
+  }
+  // Backward: recompute u and phi_q with the forward's shifts.
+  void saved_query_features(int64_t b, int64_t h, int64_t t0, int64_t n) {
+    project_queries(b, h, t0, n);
+    load_query_shift(b, h, t0, n);
+    query_features(n);
   }
 
   // x[t, s] = s <= t ? x[t, s] * e^{ms[s] - ms[t]} : 0 on an (n x n) block with leading dim C.
@@ -258,9 +318,12 @@ struct Favor {
   // Chunk results -> out rows (dtype) and den; zero where den == 0.
   void finish_rows(int64_t b, int64_t h, int64_t t0, int64_t n) {
     T* den = den_out + (b * p.H + h) * p.L + t0;
+    T* qshift = qshift_out + (b * p.H + h) * p.L + t0;
     for (int64_t t = 0; t < n; ++t) {
-      den[t] = dens[t];
-      const T inv = dens[t] > T(0) ? T(1) / dens[t] : T(0);
+      const bool visible = dens[t] >= kMinDen<T>;
+      den[t] = visible ? dens[t] : T(0);
+      qshift[t] = qs[t];
+      const T inv = visible ? T(1) / dens[t] : T(0);
       for (int64_t e = 0; e < Ev; ++e) num[t * Ev + e] *= inv;
     }
     store_rows<T>(p.out.data, p.dtype, ((b * p.H + h) * p.L + t0) * Ev, n, Ev, T(1), num, Ev);
@@ -359,9 +422,12 @@ struct Favor {
   // Outputs of query head h, rows [t_begin, t_end), from the final [S, z].
   void output_rows(int64_t b, int64_t h, int64_t t_begin, int64_t t_end) {
     s_p.pack(m, Ev, Mat<T>{S, Ev, 1});
+    set_log_normalizer();
     for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
       const int64_t n = imin(C, t_end - t0);
-      query_features(b, h, t0, n);
+      project_queries(b, h, t0, n);
+      query_shift_bidirectional(n);
+      query_features(n);
       apply_state(n);
       finish_rows(b, h, t0, n);
     }
@@ -389,8 +455,11 @@ struct Favor {
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(M, ms[t]);
       s_p.pack(m, Ev, Mat<T>{S, Ev, 1});
       chunk_p.pack(m, n, Mat<T>{phik, 1, m});
+      set_log_normalizer();
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
-        query_features(b, h, t0, n);
+        project_queries(b, h, t0, n);
+        query_shift_causal(b, t0, n, M);
+        query_features(n);
         gemm_(n, chunk_p, phiq, m, 1, a, C, false);
         causal_weights(a, n);
         apply_state(n);
@@ -427,7 +496,7 @@ struct Favor {
     for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
       for (int64_t t0 = 0; t0 < p.L; t0 += C) {
         const int64_t n = imin(C, p.L - t0);
-        query_features(b, h, t0, n);
+        saved_query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
         grad_through(n, S, z, m, dphiq, m, false);
         gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
@@ -459,7 +528,7 @@ struct Favor {
       key_features(b, t0, n, ms);
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(Mprev, ms[t]);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
-        query_features(b, h, t0, n);
+        saved_query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
         grad_through(n, vc, ones, n, da, C, false);
         causal_weights(da, n);
@@ -498,7 +567,7 @@ struct Favor {
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(Mprev, ms[t]);
       chunk_p.pack(m, n, Mat<T>{phik, 1, m});
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
-        query_features(b, h, t0, n);
+        saved_query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
         gemm_(n, chunk_p, phiq, m, 1, a, C, false);
         causal_weights(a, n);
@@ -539,8 +608,9 @@ static void combine_states(T* dst, T& Md, const T* src, T Ms, int64_t size) {
 // key state, a prefix combine, then every segment from its start state.
 template <typename T>
 static void forward_split(const FavorParams& p, int64_t segs) {
-  const int64_t items = p.B * p.Hk, g = p.H / p.Hk, seq = p.causal ? p.L : p.S;
-  const int64_t seg_len = ((seq + segs - 1) / segs + kChunk - 1) / kChunk * kChunk;
+  const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
+  auto segment_length = [&](int64_t len) { return ((len + segs - 1) / segs + kChunk - 1) / kChunk * kChunk; };
+  const int64_t key_len = segment_length(p.S), query_len = segment_length(p.L);
   const int64_t state_size = p.m * p.Ev + p.m;
   Partials<T> part(items * segs, state_size);
 #pragma omp parallel num_threads(p.num_threads)
@@ -551,7 +621,7 @@ static void forward_split(const FavorParams& p, int64_t segs) {
       const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
       T M = T(kNegInf);
       f.zero(f.S, state_size);
-      f.accumulate_keys(b, hk, imin(j * seg_len, seq), imin((j + 1) * seg_len, seq), M);
+      f.accumulate_keys(b, hk, imin(j * key_len, p.S), imin((j + 1) * key_len, p.S), M);
       for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.S[i];
       part.maxima.p[u] = M;
     }
@@ -582,7 +652,7 @@ static void forward_split(const FavorParams& p, int64_t segs) {
     const int64_t units = p.causal ? items * segs : items * g * segs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
-      const int64_t j = u % segs, t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
+      const int64_t j = u % segs, t_begin = imin(j * query_len, p.L), t_end = imin((j + 1) * query_len, p.L);
       if (p.causal) {
         const int64_t it = u / segs, b = it / p.Hk, hk = it % p.Hk;
         for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];

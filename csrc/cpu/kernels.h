@@ -26,12 +26,13 @@ struct FavorParams {
   const void* features;       // (m, E) contiguous, acc
   const bool* mask;           // (B, S) contiguous, true = ignore that key; or null
   int num_threads;
-  // Forward results (contiguous): out (B,H,L,Ev) in dtype; state (B,Hk,m,Ev+1), den (B,H,L),
-  // key_shift (B,Hk,S) in acc. Backward reads them (out/grad_out as views) and writes dq, dk, dv
-  // (contiguous, dtype).
+  // Forward results (contiguous): out (B,H,L,Ev) in dtype; state (B,Hk,m,Ev+1), den and
+  // query_shift (B,H,L), key_shift (B,Hk,S) in acc. Backward reads them (out/grad_out as views)
+  // and writes dq, dk, dv (contiguous, dtype).
   View out, grad_out;
   void* state;
   void* den;
+  void* query_shift;
   void* key_shift;
   void* dq;
   void* dk;

@@ -19,31 +19,30 @@ if unavailable_reason() is None:
         m = features.shape[0]
         acc = _acc(q)
         return (q.new_empty(B, H, L, Ev), q.new_empty(B, Hk, m, Ev + 1, dtype=acc),
-                q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
+                q.new_empty(B, H, L, dtype=acc), q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
 
     @torch.library.register_fake("performer::favor_backward")
-    def _(grad_out, q, k, v, features, key_padding_mask, out, state, den, key_shift, scale, causal, kernel):
+    def _(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift, key_shift, scale, causal,
+          kernel):
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
             torch.empty_like(k, memory_format=torch.contiguous_format), \
             torch.empty_like(v, memory_format=torch.contiguous_format)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, features, key_padding_mask, scale, causal, kernel = inputs
-        out, state, den, key_shift = output
-        ctx.save_for_backward(q, k, v, features, key_padding_mask, out, state, den, key_shift)
+        out, *stats = output  # state, den, query_shift, key_shift
+        ctx.save_for_backward(q, k, v, features, key_padding_mask, out, *stats)
         ctx.params = (scale, causal, kernel)
-        ctx.mark_non_differentiable(state, den, key_shift)
+        ctx.mark_non_differentiable(*stats)
 
     def _backward(ctx, grad_out, *_unused):
-        q, k, v, features, key_padding_mask, out, state, den, key_shift = ctx.saved_tensors
-        dq, dk, dv = torch.ops.performer.favor_backward(
-            grad_out, q, k, v, features, key_padding_mask, out, state, den, key_shift, *ctx.params)
+        dq, dk, dv = torch.ops.performer.favor_backward(grad_out, *ctx.saved_tensors, *ctx.params)
         return dq, dk, dv, None, None, None, None, None
 
     torch.library.register_autograd("performer::favor_forward", _backward, setup_context=_setup_context)
 
 
 def favor_cpp(args) -> torch.Tensor:
-    out, _, _, _ = torch.ops.performer.favor_forward(
+    out, *_ = torch.ops.performer.favor_forward(
         args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.causal, args.kernel)
     return out

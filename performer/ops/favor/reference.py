@@ -10,7 +10,8 @@ max, keys by the max over all visible keys; both shifts are exact and carry no g
 
 ``favor_dense`` forms the (L, S) weight matrix: the ground truth for tests.
 ``favor_torch`` is the linear-memory formulation phi(Q) (phi(K)^T [V, 1]), causal by chunked
-cumulative sums: the "torch" backend, and the baseline the kernels are measured against.
+cumulative sums, with the same stabilization as the compiled kernels: the "torch" backend, and
+the baseline the kernels are measured against.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def key_features(k: torch.Tensor, features: torch.Tensor, scale: float, kernel: 
         w = w - 0.5 * (kc * kc).sum(dim=-1, keepdim=True)
         if key_padding_mask is not None:
             w = w.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+        if w.shape[-2] == 0:
+            return w
         shift = w.detach().amax(dim=(-2, -1), keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         phi = torch.exp(w - shift)
@@ -75,18 +78,126 @@ def favor_dense(q, k, v, features, key_padding_mask, scale: float, causal: bool,
     return _normalize(a @ v_aug, q.dtype)
 
 
+NEG_INF = float("-inf")
+QUERY_SHIFT_SPAN = 30.0  # keep in sync with kQueryShiftSpan in csrc/cpu/favor_kernel.h
+
+
+def min_den(dtype: torch.dtype) -> float:
+    """Normalizers below this have no representable key weight: the query returns zeros
+    (kMinDen in csrc/cpu/favor_kernel.h)."""
+    return 1e-200 if dtype == torch.float64 else 1e-15
+
+
+def _rescale(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """exp(a - b) for running maxima a <= b, where a = -inf (nothing visible yet) gives 0."""
+    return torch.where(a == NEG_INF, torch.zeros_like(a), torch.exp(a - torch.where(b == NEG_INF, a, b)))
+
+
+def _query_shift(u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """max(max_j (u + lam), max_j u - span): keeps each query's normalizer >= 1 (lam <= log Z)."""
+    return torch.maximum((u + lam).amax(dim=-1, keepdim=True), u.amax(dim=-1, keepdim=True) - QUERY_SHIFT_SPAN)
+
+
+def _masked_exp(x: torch.Tensor, shift: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """exp(x - shift) where keep and shift > -inf, else 0; no inf/nan enters the gradient."""
+    keep = keep & (shift != NEG_INF)
+    return torch.exp(torch.where(keep, x - torch.where(keep, shift, 0.0), NEG_INF))
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, torch.log(torch.where(x > 0, x, torch.ones_like(x))), torch.full_like(x, NEG_INF))
+
+
+class _Normalize(torch.autograd.Function):
+    """out = num / den (zero where den < min_den), with the gradient written as g / den and
+    -(g . out) / den: autograd's division would form num / den**2, which underflows in float32."""
+
+    @staticmethod
+    def forward(ctx, num, den):
+        ok = den >= min_den(den.dtype)
+        inv = torch.where(ok, 1.0 / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+        out = num * inv
+        ctx.save_for_backward(out, inv)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, inv = ctx.saved_tensors
+        return grad * inv, -(grad * out).sum(dim=-1, keepdim=True) * inv
+
+
 def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str,
                 chunk: int = 128):
-    phi_q, phi_k, v_aug = _prepare(q, k, v, features, key_padding_mask, scale, kernel)
+    """Linear-memory FAVOR+ in plain PyTorch with the kernels' stabilization (running key maximum,
+    per-query shifts that keep normalizers >= 1): no causal leak, finite for any finite input."""
+    acc, out_dtype = acc_dtype(q.dtype), q.dtype
+    W = features.detach().to(acc)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    B, H, L, _ = q.shape
+    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    groups = H // Hk
+    c = scale ** 0.5
+    u = (q * c) @ W.T                                  # (B, H, L, m)
+    kc = k * c
+    w = kc @ W.T                                       # (B, Hk, S, m)
+    visible = torch.ones(B, 1, S, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+        else ~key_padding_mask[:, None, :]
+    if kernel == "relu":
+        phi_k = torch.where(visible[..., None], torch.relu(w) + RELU_EPS, torch.zeros_like(w))
+        row_max = torch.where(visible, 0.0, NEG_INF).to(acc).expand(B, Hk, S)
+    else:
+        w = w - 0.5 * (kc * kc).sum(dim=-1, keepdim=True)
+        row_max = torch.where(visible, w.detach().amax(dim=-1) if w.shape[-1] else 0.0, NEG_INF)
+    heads = (lambda x: x.repeat_interleave(groups, dim=1))  # kv head -> its query heads
+
+    def features_q(uq, lam):
+        if kernel == "relu":
+            return torch.relu(uq) + RELU_EPS
+        return torch.exp(uq - _query_shift(uq.detach(), lam))
+
+    def finish(num, den):
+        return _Normalize.apply(num, den).to(out_dtype)
+
     if not causal:
-        return _normalize(phi_q @ (phi_k.transpose(-1, -2) @ v_aug), q.dtype)
-    state = phi_q.new_zeros(phi_q.shape[:-2] + (phi_q.shape[-1], v_aug.shape[-1]))
+        M = row_max.amax(dim=-1, keepdim=True) if S else torch.full((B, Hk, 1), NEG_INF, dtype=acc)
+        if kernel != "relu":
+            phi_k = _masked_exp(w, M[..., None], visible[..., None])
+        state, z = heads(phi_k.transpose(-1, -2) @ v), heads(phi_k.sum(dim=-2))
+        phi_q = features_q(u, _log(z.detach())[:, :, None, :])
+        return finish(phi_q @ state, (phi_q @ z[..., None]).squeeze(-1)[..., None])
+
+    run_max = torch.cummax(row_max, dim=-1).values if S else row_max  # m_s: max over keys <= s
+    if kernel != "relu":
+        phi_k = _masked_exp(w, run_max[..., None], visible[..., None])
+    state = q.new_zeros(B, Hk, W.shape[0], Ev)
+    z = q.new_zeros(B, Hk, W.shape[0])
+    m_prev = torch.full((B, Hk), NEG_INF, dtype=acc, device=q.device)
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     outs = []
-    for t0 in range(0, q.shape[-2], chunk):
-        pq, pk, va = (x[..., t0:t0 + chunk, :] for x in (phi_q, phi_k, v_aug))
-        n = pq.shape[-2]
-        a = (pq @ pk.transpose(-1, -2)).masked_fill(~tril[:n, :n], 0.0)
-        outs.append(a @ va + pq @ state)
-        state = state + pk.transpose(-1, -2) @ va
-    return _normalize(torch.cat(outs, dim=-2), q.dtype)
+    for t0 in range(0, L, chunk):
+        t1 = min(t0 + chunk, L)
+        n = t1 - t0
+        ms = run_max[..., t0:t1]                                        # (B, Hk, n)
+        pk, vc = phi_k[..., t0:t1, :], v[..., t0:t1, :]
+        earlier = torch.where(tril[:n, :n], ms[..., None, :], NEG_INF)   # [t, s] = m_s for s <= t
+        intra = _rescale(earlier, ms[..., :, None])                          # e^{m_s - m_t}, 0 for s > t
+        inter = _rescale(m_prev[..., None], ms)                         # e^{Mprev - m_t}
+        lam = torch.maximum(_log(z.detach())[..., None, :] + torch.where(inter > 0, torch.log(inter.clamp_min(1e-300)),
+                                                                 NEG_INF)[..., None],
+                            torch.where(visible[..., t0:t1, None] & (ms != NEG_INF)[..., None],
+                                        w.detach()[..., t0:t1, :] - torch.where(ms == NEG_INF, 0.0, ms)[..., None],
+                                        NEG_INF))
+        phi_q = features_q(u[..., t0:t1, :], heads(lam))
+        a = (phi_q @ heads(pk).transpose(-1, -2)) * heads(intra)
+        num = a @ heads(vc) + heads(inter)[..., None] * (phi_q @ heads(state))
+        den = a.sum(dim=-1) + heads(inter) * (phi_q @ heads(z)[..., None]).squeeze(-1)
+        outs.append(finish(num, den[..., None]))
+        m_end = ms[..., -1]
+        keep = _rescale(m_prev, m_end)[..., None]
+        scaled = pk * _rescale(ms, m_end[..., None])[..., None]
+        state = state * keep[..., None] + scaled.transpose(-1, -2) @ vc
+        z = z * keep + scaled.sum(dim=-2)
+        m_prev = m_end
+    if not outs:  # L == 0: an empty result that still takes part in autograd
+        return (q.new_zeros(B, H, 0, Ev) + 0 * (q.sum() + k.sum() + v.sum())).to(out_dtype)
+    return torch.cat(outs, dim=-2)
