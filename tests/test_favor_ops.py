@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import performer
-from conftest import KERNELS, SPECS, case_params, dtype_id, make_case
+from conftest import KERNELS, SPECS, Spec, assert_close, case_params, dtype_id, make_case
 
 # torch's own opcheck/compile internals warn about their use of torch.jit.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -70,6 +70,35 @@ def test_results_do_not_depend_on_thread_count():
     for (n, causal), tensors in results.items():
         for a, b in zip(tensors, results[1, causal]):
             assert torch.equal(a, b), f"{n} threads, causal={causal}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_sequence_split_when_fewer_items_than_threads(causal, masked, dtype):
+    """One (batch, key head) pair and two threads: the forward splits the sequence (partial
+    states reduced, or a two-pass scan when causal). Same result as one thread and as the
+    reference, and the saved statistics drive a correct backward."""
+    spec = Spec("split", 1, 2, 1, 300, 300 if causal else 230, 16, 9, 20)
+    case = make_case(spec, dtype, masked=masked, requires_grad=True)
+    grad_out = torch.randn(case.out_shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = case.run(causal, "cpp")
+            results[n] = (out, *torch.autograd.grad(out, case.inputs, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    ref = case.reference(causal)
+    ref_grads = torch.autograd.grad(ref, case.inputs, grad_out.double())
+    ref_same = case.reference(causal, dtype=dtype)
+    ref_same_grads = torch.autograd.grad(ref_same, case.inputs, grad_out)
+    for n, (out, *grads) in results.items():
+        assert_close(out, ref, ref_same, f"output, {n} threads")
+        for name, g, r, rs in zip(("dq", "dk", "dv"), grads, ref_grads, ref_same_grads):
+            assert_close(g, r, rs, f"{name}, {n} threads")
 
 
 # ---- every ISA copy of the kernels --------------------------------------------------------------
