@@ -273,18 +273,26 @@ struct Favor {
   // itself, both parts of Z_t; nothing after position t.
   void query_shift_causal(int64_t b, int64_t t0, int64_t n, T Mprev) {
     const bool* mk = mask_rows(b, t0);
-    T* lam = dphiq;  // scratch row
     for (int64_t t = 0; t < n; ++t) {
       if (!softmax) { qs[t] = T(0); continue; }
+      const T* ut = u + t * m;
       const T off = (Mprev == T(kNegInf) || ms[t] == T(kNegInf)) ? T(kNegInf) : Mprev - ms[t];
-      const T* wt = w + t * m;
-      const bool key_visible = !(mk && mk[t]) && ms[t] != T(kNegInf);
-      for (int64_t j = 0; j < m; ++j) {
-        const T from_state = logz[j] + off;
-        const T from_key = key_visible ? wt[j] - ms[t] : T(kNegInf);
-        lam[j] = fmax2(from_state, from_key);
+      const T* lz = logz;  // locals, not members, in vectorized loops
+      T best = T(kNegInf);
+      if (!(mk && mk[t]) && ms[t] != T(kNegInf)) {
+        const T* wt = w + t * m;
+        const T mt = ms[t];
+#pragma omp simd reduction(max : best)
+        for (int64_t j = 0; j < m; ++j) {
+          const T from_state = lz[j] + off, from_key = wt[j] - mt;
+          const T x = ut[j] + (from_state > from_key ? from_state : from_key);
+          best = x > best ? x : best;
+        }
+      } else {
+#pragma omp simd reduction(max : best)
+        for (int64_t j = 0; j < m; ++j) best = ut[j] + lz[j] + off > best ? ut[j] + lz[j] + off : best;
       }
-      qs[t] = shift_from(u + t * m, lam);
+      qs[t] = fmax2(best, row_max(ut, m) - T(kQueryShiftSpan));
     }
   }
   // The saved shifts of queries [t0, t0+n) of head h (backward).

@@ -35,19 +35,31 @@ static void pack_b(const Mat<float>& b, int64_t k0, int64_t kc, int64_t j0, int6
       const float* src = b.p + (k0 + k) * b.rs + (j0 + jp) * b.cs;
       if (b.cs == 1) {
         for (int64_t j = 0; j < nr; ++j) dst[j] = src[j];
-      } else {
+      } else if (b.rs != 1) {
         for (int64_t j = 0; j < nr; ++j) dst[j] = src[j * b.cs];
       }
       for (int64_t j = nr; j < kNR; ++j) dst[j] = 0.f;
       dst += kNR;
     }
+    if (b.cs != 1 && b.rs == 1) {  // columns of B are contiguous: read them in order
+      float* panel = dst - kc * kNR;
+      for (int64_t j = 0; j < nr; ++j) {
+        const float* col = b.p + k0 + (j0 + jp + j) * b.cs;
+        for (int64_t k = 0; k < kc; ++k) panel[k * kNR + j] = col[k];
+      }
+    }
   }
 }
 
-// c[0:mr, 0:nr] (+)= ap (kc x MR panel) * bp (kc x NR panel): MR x 2 registers of accumulators,
-// per k two loads of B and MR broadcasts of A.
-static inline void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp,
-                                float* __restrict c, int64_t ldc, bool accumulate, int64_t mr, int64_t nr) {
+// c[0:mr, 0:nr] (+)= A (MR x kc) * bp (kc x NR panel): MR x 2 registers of accumulators, per k two
+// loads of B and MR broadcasts of A. A(i, k) is a[i * ars + k * acs]: a packed panel (ars = 1,
+// acs = MR, known at compile time) or, for row- or column-major A, the matrix itself (BLIS's
+// "small/unpacked" case: no packing pass for the small products FAVOR+ is made of).
+template <bool kPacked>
+static inline void micro_kernel(int64_t kc, const float* __restrict a, int64_t ars, int64_t acs,
+                                const float* __restrict bp, float* __restrict c, int64_t ldc, bool accumulate,
+                                int64_t mr, int64_t nr) {
+  if (kPacked) { ars = 1; acs = kMR; }
   vreg c0[kMR], c1[kMR];
 #pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i) c0[i] = c1[i] = vzero();
@@ -55,11 +67,11 @@ static inline void micro_kernel(int64_t kc, const float* __restrict ap, const fl
     const vreg b0 = vload(bp), b1 = vload(bp + kVecFloats);
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i) {
-      const vreg a = vbroadcast(ap[i]);
-      c0[i] = vfma(a, b0, c0[i]);
-      c1[i] = vfma(a, b1, c1[i]);
+      const vreg av = vbroadcast(a[i * ars]);
+      c0[i] = vfma(av, b0, c0[i]);
+      c1[i] = vfma(av, b1, c1[i]);
     }
-    ap += kMR;
+    a += acs;
     bp += kNR;
   }
   if (mr == kMR && nr == kNR) {
@@ -126,18 +138,32 @@ static void gemm(int64_t M, const PackedB<float>& b, Mat<float> a, float* c, int
         for (int64_t j = 0; j < N; ++j) c[i * ldc + j] = 0.f;
     return;
   }
-  float* apack = ws.a.get(imin(kKC, K) * imin(kMC, ((M + kMR - 1) / kMR) * kMR));
+  // A with contiguous rows or columns is read in place, except a last partial row panel, which is
+  // packed (zero-padded) so that nothing past the matrix is read.
+  const bool direct = a.cs == 1 || a.rs == 1;
+  float* apack = ws.a.get(imin(kKC, K) * (direct ? kMR : imin(kMC, ((M + kMR - 1) / kMR) * kMR)));
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = imin(kKC, K - k0);
     const bool acc = accumulate || k0 > 0;
     const float* bblock = b.buf.p + k0 * b.Npad;
     for (int64_t i0 = 0; i0 < M; i0 += kMC) {
       const int64_t mc = imin(kMC, M - i0);
-      pack_a(a, i0, mc, k0, kc, apack);
-      for (int64_t jr = 0; jr < N; jr += kNR)
-        for (int64_t ir = 0; ir < mc; ir += kMR)
-          micro_kernel(kc, apack + ir * kc, bblock + jr * kc, c + (i0 + ir) * ldc + jr, ldc, acc,
-                       imin(kMR, mc - ir), imin(kNR, N - jr));
+      if (!direct) pack_a(a, i0, mc, k0, kc, apack);
+      const int64_t full = direct ? (mc / kMR) * kMR : mc;
+      if (full < mc) pack_a(a, i0 + full, mc - full, k0, kc, apack);
+      for (int64_t jr = 0; jr < N; jr += kNR) {
+        const int64_t nr = imin(kNR, N - jr);
+        for (int64_t ir = 0; ir < mc; ir += kMR) {
+          float* cp = c + (i0 + ir) * ldc + jr;
+          const int64_t mr = imin(kMR, mc - ir);
+          if (ir < full && direct)
+            micro_kernel<false>(kc, a.p + (i0 + ir) * a.rs + k0 * a.cs, a.rs, a.cs, bblock + jr * kc, cp, ldc, acc,
+                                mr, nr);
+          else
+            micro_kernel<true>(kc, apack + (ir - (direct ? full : 0)) * kc, 1, kMR, bblock + jr * kc, cp, ldc, acc,
+                               mr, nr);
+        }
+      }
     }
   }
 }
