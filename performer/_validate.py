@@ -93,7 +93,7 @@ def _to_canonical(name: str, t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(1)
     if t.dim() == 4:
         return t
-    return t.reshape(t.shape[0], -1, t.shape[-2], t.shape[-1])
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-2]), t.shape[-2], t.shape[-1])
 
 
 def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,

@@ -10,14 +10,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY="$ROOT/.venv/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
+  # Where the default index serves CUDA builds, set PIP_INDEX_URL to a CPU wheel index first.
   echo "== installing torch 2.13.0"
-  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 fi
 if ! "$PY" -c "import numpy, pytest, pytest_benchmark, pybind11, ninja, setuptools, wheel" 2>/dev/null; then
   echo "== installing numpy pytest pytest-benchmark pybind11 ninja"
-  "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel
+  "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel 2>&1 \
+    | { grep -v "is ignored: it is neither" || true; }
 fi
 echo "== building performer._C"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" || true
+if ! MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }; then
+  echo "building performer._C failed" >&2
+  exit 1
+fi
 "$PY" -c "import performer, torch; print('performer ready, CPU kernels:', torch.ops.performer.cpu_isa())"

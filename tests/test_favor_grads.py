@@ -62,3 +62,21 @@ def test_features_get_no_gradient(backend, causal):
     out.sum().backward()
     assert case.q.grad is not None
     assert features.grad is None or (features.grad == 0).all(), "a gradient flowed into features"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_many_features_and_wide_heads(causal, kernel):
+    """m = 300 and E = 260 exceed one 256-deep block of the GEMM's inner dimension, so every
+    product takes the K-blocked path (and the head dims the issue's 256 upper end)."""
+    spec = Spec("wide", 1, 2, 1, 70, 70, 260, 7, 300)
+    case = make_case(spec, torch.float32, masked=True, requires_grad=True)
+    grad_out = torch.randn(case.out_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = case.run(causal, "cpp", kernel)
+    got = _grads(out, case.inputs, grad_out.float())
+    x64 = [t.detach().double().requires_grad_() for t in case.inputs]
+    ref64 = case.reference(causal, kernel, q=x64[0], k=x64[1], v=x64[2])
+    ref_same = case.reference(causal, kernel, dtype=torch.float32)
+    assert_close(out, ref64, ref_same)
+    for name, a, b, r in zip("qkv", got, _grads(ref64, x64, grad_out), _grads(ref_same, case.inputs, grad_out.float())):
+        assert_close(a, b, r, what=f"d{name}")

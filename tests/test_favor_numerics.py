@@ -214,3 +214,17 @@ def test_converges_to_sdpa(backend, causal):
         errors.append(sum(((o - exact).norm() / exact.norm()).item() for o in draws) / len(draws))
     assert all(b < 1.1 * a for a, b in zip(errors, errors[1:])), f"errors do not fall: {errors}"
     assert errors[-1] < 0.5 * errors[0], f"errors do not fall enough: {errors}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_key_propagates(backend, kernel, causal):
+    """A NaN in a key is not mistaken for padding: every output that can see it is NaN."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+    k[0, 0, 0, 3] = float("nan")
+    w = performer.orthogonal_features(16, 8, generator=g)
+    out = performer.favor_attention(q, k, v, is_causal=causal, features=w, kernel=kernel, backend=backend)
+    assert torch.isnan(out[0, 0]).all()
+    assert torch.isfinite(out[0, 1]).all()

@@ -72,10 +72,11 @@ def test_results_do_not_depend_on_thread_count():
             assert torch.equal(a, b), f"{n} threads, causal={causal}"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-def test_sequence_split_when_fewer_items_than_threads(causal, masked, dtype):
+def test_sequence_split_when_fewer_items_than_threads(causal, masked, dtype, kernel):
     """One (batch, key head) pair and two threads: the forward splits the sequence (partial
     states reduced, or a two-pass scan when causal). Same result as one thread and as the
     reference, and the saved statistics drive a correct backward."""
@@ -87,13 +88,13 @@ def test_sequence_split_when_fewer_items_than_threads(causal, masked, dtype):
         results = {}
         for n in (1, 2):
             torch.set_num_threads(n)
-            out = case.run(causal, "cpp")
+            out = case.run(causal, "cpp", kernel)
             results[n] = (out, *torch.autograd.grad(out, case.inputs, grad_out))
     finally:
         torch.set_num_threads(threads)
-    ref = case.reference(causal)
+    ref = case.reference(causal, kernel)
     ref_grads = torch.autograd.grad(ref, case.inputs, grad_out.double())
-    ref_same = case.reference(causal, dtype=dtype)
+    ref_same = case.reference(causal, kernel, dtype=dtype)
     ref_same_grads = torch.autograd.grad(ref_same, case.inputs, grad_out)
     for n, (out, *grads) in results.items():
         assert_close(out, ref, ref_same, f"output, {n} threads")

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string_view>
 #include <tuple>
 
@@ -58,7 +59,7 @@ FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   PERFORMER_CHECK_VALUE(features.size(0) > 0, "features", "have at least one row", "; got ", "shape ", features.sizes());
   PERFORMER_CHECK_TYPE(features.is_floating_point(), "features", "be floating point", "; got ", features.scalar_type());
   PERFORMER_CHECK_VALUE(features.device() == q.device(), "features", "be on q's device", "; got ", features.device());
-  PERFORMER_CHECK_VALUE(scale > 0, "scale", "be positive", "; got ", scale);
+  PERFORMER_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale", "be positive and finite", "; got ", scale);
 
   FavorParams p{};
   p.dtype = dtype_of(q, "q");

@@ -1,15 +1,15 @@
 // FAVOR+ CPU kernels, compiled once per ISA (included inside namespace performer::cpu::<isa>).
 //
 // Per (batch, key/value head) and over chunks of C rows, with c = sqrt(scale), W the (m, E)
-// features, k' = c k, q' = c q and V_aug = [V, 1] (so one product yields numerator and
-// denominator):
+// features, k' = c k and q' = c q:
 //   keys:     w_s = W k'_s - |k'_s|^2/2 (softmax) or W k'_s (relu);  phi_k(s) = exp(w_s - M)
-//   queries:  phi_q(t) = exp(W q'_t - max_j (W q'_t)_j)  (relu: relu(W q'_t) + eps)
-//   out_t     = phi_q(t)^T S / phi_q(t)^T z  with [S, z] = sum_s phi_k(s) V_aug(s)^T.
-// The shifts cancel exactly in the ratio and carry no gradient. A query's shift c_t is chosen so
-// that its normalizer stays >= 1 (see query_shift_*) and is saved for the backward pass. Causal mode uses, for key s,
-// the running maximum m_s of w over keys <= s, so nothing at position t depends on later keys:
-//   out_t ~ sum_{s <= t} phi_q(t).phi_k(s) e^{m_s - m_t} V_aug(s),  phi_k(s) = exp(w_s - m_s),
+//   queries:  phi_q(t) = exp(W q'_t - c_t)  (relu: relu(W q'_t) + eps)
+//   out_t     = phi_q(t)^T S / phi_q(t)^T z  with S = sum_s phi_k(s) v_s^T (m x Ev), z = sum_s phi_k(s).
+// The shifts M and c_t cancel exactly in the ratio and carry no gradient. c_t is chosen so that
+// the query's normalizer stays >= 1 (see query_shift_*) and is saved for the backward pass.
+// Causal mode uses, for key s, the running maximum m_s of w over keys <= s, so nothing at
+// position t depends on later keys:
+//   out_t ~ sum_{s <= t} phi_q(t).phi_k(s) e^{m_s - m_t} [v_s, 1],  phi_k(s) = exp(w_s - m_s),
 // computed per chunk as a masked intra-chunk product plus phi_q times the state of earlier
 // chunks (held relative to the running maximum at the chunk start). The backward pass
 // recomputes features; causal backward is a forward sweep for dq and a reverse sweep for dk, dv.
@@ -208,7 +208,7 @@ struct Favor {
       const T half_norm = T(0.5) * dot(kc + s * E, kc + s * E, E);
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) ws[j] -= half_norm;
-      ms[s] = row_max(ws, m);
+      ms[s] = half_norm == half_norm ? row_max(ws, m) : half_norm;  // a NaN key propagates, never pads
     }
   }
 
@@ -226,7 +226,7 @@ struct Favor {
         for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ws[j] - r);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ph[j] = (ws[j] > T(0) ? ws[j] : T(0)) + T(kReluEps);
+        for (int64_t j = 0; j < m; ++j) ph[j] = (ws[j] < T(0) ? T(0) : ws[j]) + T(kReluEps);
       }
     }
   }
@@ -248,7 +248,7 @@ struct Favor {
         for (int64_t j = 0; j < m; ++j) ph[j] = exp_fast(ut[j] - sh);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) ph[j] = (ut[j] > T(0) ? ut[j] : T(0)) + T(kReluEps);
+        for (int64_t j = 0; j < m; ++j) ph[j] = (ut[j] < T(0) ? T(0) : ut[j]) + T(kReluEps);
       }
     }
   }

@@ -1,3 +1,4 @@
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -19,8 +20,10 @@ int detect_level() {
 int capped_level() {
   int level = detect_level();
   if (const char* cap = std::getenv("PERFORMER_CPU_ISA")) {
-    if (std::strcmp(cap, "baseline") == 0 && level > 0) level = 0;
-    else if (std::strcmp(cap, "avx2") == 0 && level > 1) level = 1;
+    if (std::strcmp(cap, "baseline") == 0) level = 0;
+    else if (std::strcmp(cap, "avx2") == 0) level = level > 1 ? 1 : level;
+    else if (std::strcmp(cap, "avx512") != 0)
+      std::fprintf(stderr, "performer: ignoring PERFORMER_CPU_ISA=%s (expected baseline, avx2 or avx512)\n", cap);
   }
   return level;
 }

@@ -64,7 +64,7 @@ static inline float exp_fast(float x) {
   p = p * r * r + r + 1.0f;
   int32_t bits;
   __builtin_memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
+  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
   float out;
   __builtin_memcpy(&out, &bits, 4);
   return x < -87.3f ? 0.0f : out;

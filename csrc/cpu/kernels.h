@@ -1,6 +1,7 @@
 // The interface between the torch-facing drivers and the per-ISA kernels.
-// Plain structs only: the per-ISA translation units include no torch or STL headers, so no
-// inline function compiled for AVX-512 can be picked by the linker for a baseline caller.
+// Plain structs only: the per-ISA translation units include no torch or STL headers (and their C
+// headers come before the target pragma), so no inline function compiled for AVX-512 can be
+// picked by the linker for a baseline caller.
 #pragma once
 #include <cstdint>
 

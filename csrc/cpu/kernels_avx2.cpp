@@ -1,12 +1,14 @@
 // CPU kernels compiled for AVX2 + FMA; chosen at run time by isa.cpp.
-#pragma GCC target("avx2,fma,f16c")
-#define PERFORMER_ISA_AVX2 1  // `#pragma GCC target` defines no __AVX2__ in C++
-#define PERFORMER_VEC_BYTES 32
-#define PERFORMER_GEMM_MR 6
+// System headers come before the target pragma, so none of their inline functions is compiled
+// for this ISA under a name the other units share.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#pragma GCC target("avx2,fma,f16c")
+#define PERFORMER_ISA_AVX2 1  // `#pragma GCC target` defines no __AVX2__ in C++
+#define PERFORMER_VEC_BYTES 32
+#define PERFORMER_GEMM_MR 6
 
 #include "kernels.h"
 

@@ -1,12 +1,14 @@
 // CPU kernels compiled for AVX-512 (F, DQ, BW, VL) + FMA; chosen at run time by isa.cpp.
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
-#define PERFORMER_ISA_AVX512 1  // `#pragma GCC target` defines no __AVX512F__ in C++
-#define PERFORMER_VEC_BYTES 64
-#define PERFORMER_GEMM_MR 14
+// System headers come before the target pragma, so none of their inline functions is compiled
+// for this ISA under a name the other units share.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+#define PERFORMER_ISA_AVX512 1  // `#pragma GCC target` defines no __AVX512F__ in C++
+#define PERFORMER_VEC_BYTES 64
+#define PERFORMER_GEMM_MR 14
 
 #include "kernels.h"
 

@@ -1,10 +1,12 @@
 // CPU kernels compiled for x86-64 baseline (SSE2); chosen at run time by isa.cpp.
-
-#define PERFORMER_VEC_BYTES 16
-#define PERFORMER_GEMM_MR 4
+// System headers come before the target pragma, so none of their inline functions is compiled
+// for this ISA under a name the other units share.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#define PERFORMER_VEC_BYTES 16
+#define PERFORMER_GEMM_MR 4
 
 #include "kernels.h"
 

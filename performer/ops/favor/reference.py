@@ -152,14 +152,14 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
 
     def features_q(uq, lam):
         if kernel == "relu":
-            return torch.relu(uq) + RELU_EPS
+            return torch.relu(uq) + RELU_EPS  # torch.relu keeps NaN
         return torch.exp(uq - _query_shift(uq.detach(), lam))
 
     def finish(num, den):
         return _Normalize.apply(num, den).to(out_dtype)
 
     if not causal:
-        M = row_max.amax(dim=-1, keepdim=True) if S else torch.full((B, Hk, 1), NEG_INF, dtype=acc)
+        M = row_max.amax(dim=-1, keepdim=True) if S else torch.full((B, Hk, 1), NEG_INF, dtype=acc, device=q.device)
         if kernel != "relu":
             phi_k = _masked_exp(w, M[..., None], visible[..., None])
         state, z = heads(phi_k.transpose(-1, -2) @ v), heads(phi_k.sum(dim=-2))
