@@ -10,20 +10,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import performer
-from performer.bench.__main__ import make_inputs
+from performer.bench.__main__ import IMPLS, make_inputs
 
 if "PERFORMER_BENCH_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["PERFORMER_BENCH_THREADS"]))
 
 LENGTHS = [1024, 4096]
-IMPLS = {
-    "cpp": lambda q, k, v, c, w: performer.favor_attention(q, k, v, is_causal=c, features=w, backend="cpp"),
-    "torch": lambda q, k, v, c, w: performer.favor_attention(q, k, v, is_causal=c, features=w, backend="torch"),
-    "sdpa": lambda q, k, v, c, w: F.scaled_dot_product_attention(q, k, v, is_causal=c),
-}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -33,7 +26,7 @@ def test_favor_forward(benchmark, impl, causal, L):
     q, k, v, w = make_inputs(L, torch.float32)
     benchmark.group = f"favor forward L={L} {'causal' if causal else 'bidir'} B=1 H=8 E=64 m=256 fp32"
     with torch.no_grad():
-        benchmark(IMPLS[impl], q, k, v, causal, w)
+        benchmark(IMPLS[impl][1], q, k, v, causal, w)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -44,6 +37,6 @@ def test_favor_forward_backward(benchmark, impl, causal, L):
     benchmark.group = f"favor forward+backward L={L} {'causal' if causal else 'bidir'} B=1 H=8 E=64 m=256 fp32"
 
     def step():
-        IMPLS[impl](q, k, v, causal, w).sum().backward()
+        IMPLS[impl][1](q, k, v, causal, w).sum().backward()
 
     benchmark(step)

@@ -17,6 +17,7 @@ namespace performer::cpu::avx2 {
 #include "isa_common.h"
 #include "gemm.h"
 #include "favor_kernel.h"
+#include "favor_parallel.h"
 
 extern const KernelTable table = {"avx2", favor_forward, favor_backward};
 

@@ -17,6 +17,7 @@ namespace performer::cpu::avx512 {
 #include "isa_common.h"
 #include "gemm.h"
 #include "favor_kernel.h"
+#include "favor_parallel.h"
 
 extern const KernelTable table = {"avx512", favor_forward, favor_backward};
 

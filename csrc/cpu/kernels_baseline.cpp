@@ -15,6 +15,7 @@ namespace performer::cpu::baseline {
 #include "isa_common.h"
 #include "gemm.h"
 #include "favor_kernel.h"
+#include "favor_parallel.h"
 
 extern const KernelTable table = {"baseline", favor_forward, favor_backward};
 

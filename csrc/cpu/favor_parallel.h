@@ -1,0 +1,120 @@
+// FAVOR+ work distribution over OpenMP threads and the per-ISA entry points. Included after
+// favor_kernel.h inside namespace performer::cpu::<isa>.
+#pragma once
+
+// Partial states of sequence segments: [S, z] (m * Ev + m values) and their reference maximum.
+template <typename T>
+struct Partials {
+  Scratch<T> values, maxima;
+  int64_t size;
+  Partials(int64_t count, int64_t size_) : size(size_) { values.get(count * size); maxima.get(count); }
+  T* state(int64_t i) { return values.p + i * size; }
+};
+
+// dst (relative to Md) += src (relative to Ms); Md becomes the larger reference.
+template <typename T>
+static void combine_states(T* dst, T& Md, const T* src, T Ms, int64_t size) {
+  const T M = fmax2(Md, Ms), fd = rescale(Md, M), fs = rescale(Ms, M);
+  for (int64_t i = 0; i < size; ++i) dst[i] = dst[i] * fd + src[i] * fs;
+  Md = M;
+}
+
+// The forward pass split over `segs` segments of the sequence per (batch, kv head), for when
+// there are fewer (batch, kv head) pairs than threads. Bidirectional: partial key states are
+// reduced, then query segments run in parallel. Causal: a two-pass scan: each segment's own
+// key state, a prefix combine, then every segment from its start state.
+template <typename T>
+static void forward_split(const FavorParams& p, int64_t segs) {
+  const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
+  auto segment_length = [&](int64_t len) { return ((len + segs - 1) / segs + kChunk - 1) / kChunk * kChunk; };
+  const int64_t key_len = segment_length(p.S), query_len = segment_length(p.L);
+  const int64_t state_size = p.m * p.Ev + p.m;
+  Partials<T> part(items * segs, state_size);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Favor<T> f(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * segs; ++u) {
+      const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
+      T M = T(kNegInf);
+      f.zero(f.S, state_size);
+      f.accumulate_keys(b, hk, imin(j * key_len, p.S), imin((j + 1) * key_len, p.S), M);
+      for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.S[i];
+      part.maxima.p[u] = M;
+    }
+#pragma omp for
+    for (int64_t it = 0; it < items; ++it) {  // exclusive prefix (causal) or total (bidirectional)
+      T* acc = f.dS;
+      T M = T(kNegInf);
+      f.zero(acc, state_size);
+      for (int64_t j = 0; j < segs; ++j) {
+        const int64_t u = it * segs + j;
+        const T Mj = part.maxima.p[u];
+        if (p.causal) {
+          for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
+          for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = acc[i];
+          part.maxima.p[u] = M;
+          combine_states(acc, M, f.S, Mj, state_size);
+        } else {
+          combine_states(acc, M, part.state(u), Mj, state_size);
+        }
+      }
+      if (!p.causal) {
+        for (int64_t i = 0; i < state_size; ++i) f.S[i] = acc[i];
+        f.save_state(it / p.Hk, it % p.Hk);
+        T* shift = f.shift_of(it / p.Hk, it % p.Hk);
+        for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
+      }
+    }
+    const int64_t units = p.causal ? items * segs : items * g * segs;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t j = u % segs, t_begin = imin(j * query_len, p.L), t_end = imin((j + 1) * query_len, p.L);
+      if (p.causal) {
+        const int64_t it = u / segs, b = it / p.Hk, hk = it % p.Hk;
+        for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
+        f.forward_causal(b, hk, t_begin, t_end, part.maxima.p[u]);
+        if (t_end == p.L && t_begin < t_end) f.save_state(b, hk);
+      } else {
+        const int64_t bh = u / segs, b = bh / p.H, h = bh % p.H;
+        f.load_state(b, h / g);
+        f.output_rows(b, h, t_begin, t_end);
+      }
+    }
+  }
+}
+
+template <typename T>
+static void run_items(const FavorParams& p, bool backward) {
+  const int64_t items = p.B * p.Hk;
+  const int64_t seq = p.causal ? p.L : imax(p.L, p.S);
+  if (!backward && items < p.num_threads && seq >= 2 * kChunk) {
+    forward_split<T>(p, imin(p.num_threads, seq / kChunk));
+    return;
+  }
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Favor<T> f(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b = it / p.Hk, hk = it % p.Hk;
+      if (backward) {
+        if (p.causal) f.backward_causal(b, hk);
+        else f.backward_bidirectional(b, hk);
+      } else {
+        if (p.causal) f.forward_causal(b, hk);
+        else f.forward_bidirectional(b, hk);
+      }
+    }
+  }
+}
+
+static void favor_forward(const FavorParams& p) {
+  if (p.dtype == DType::f64) run_items<double>(p, false);
+  else run_items<float>(p, false);
+}
+
+static void favor_backward(const FavorParams& p) {
+  if (p.dtype == DType::f64) run_items<double>(p, true);
+  else run_items<float>(p, true);
+}
