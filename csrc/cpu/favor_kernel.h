@@ -498,22 +498,25 @@ struct Favor {
 
   // ---- backward ----
 
-  void backward_bidirectional(int64_t b, int64_t hk) {
-    load_state(b, hk);
-    zero(dS, m * Ev + m);
-    for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
-      for (int64_t t0 = 0; t0 < p.L; t0 += C) {
-        const int64_t n = imin(C, p.L - t0);
-        saved_query_features(b, h, t0, n);
-        grad_rows(b, h, t0, n);
-        grad_through(n, S, z, m, dphiq, m, false);
-        gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
-        for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, dz, m);
-        store_dq(b, h, t0, n);
-      }
+  // dq of head h, rows [t_begin, t_end), from the saved [S, z] (load_state first); their part
+  // of [dS, dz] (the gradient with respect to the state) is added to dS, dz.
+  void query_grads(int64_t b, int64_t h, int64_t t_begin, int64_t t_end) {
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
+      const int64_t n = imin(C, t_end - t0);
+      saved_query_features(b, h, t0, n);
+      grad_rows(b, h, t0, n);
+      grad_through(n, S, z, m, dphiq, m, false);
+      gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
+      for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, dz, m);
+      store_dq(b, h, t0, n);
+    }
+  }
+
+  // dk, dv of keys [s_begin, s_end) from the complete [dS, dz].
+  void key_grads(int64_t b, int64_t hk, int64_t s_begin, int64_t s_end) {
     const T M = p.S > 0 ? shift_of(b, hk)[0] : T(kNegInf);
-    for (int64_t s0 = 0; s0 < p.S; s0 += C) {
-      const int64_t n = imin(C, p.S - s0);
+    for (int64_t s0 = s_begin; s0 < s_end; s0 += C) {
+      const int64_t n = imin(C, s_end - s0);
       load_keys(b, hk, s0, n);
       for (int64_t s = 0; s < n; ++s) ref[s] = M;
       key_features(b, s0, n, ref);
@@ -522,6 +525,13 @@ struct Favor {
       gemm_(n, Ev, m, phik, m, 1, dS, Ev, 1, dv, Ev, false);
       store_dk_dv(b, hk, s0, n);
     }
+  }
+
+  void backward_bidirectional(int64_t b, int64_t hk) {
+    load_state(b, hk);
+    zero(dS, m * Ev + m);
+    for (int64_t h = hk * g; h < (hk + 1) * g; ++h) query_grads(b, h, 0, p.L);
+    key_grads(b, hk, 0, p.S);
   }
 
   void backward_causal(int64_t b, int64_t hk) {

@@ -84,13 +84,56 @@ static void forward_split(const FavorParams& p, int64_t segs) {
   }
 }
 
+// The bidirectional backward split the same way: query segments (of every head) in parallel,
+// each adding its part of [dS, dz]; the parts reduced per (batch, kv head); then key segments.
+template <typename T>
+static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
+  const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
+  auto segment_length = [&](int64_t len) { return ((len + segs - 1) / segs + kChunk - 1) / kChunk * kChunk; };
+  const int64_t key_len = segment_length(p.S), query_len = segment_length(p.L);
+  const int64_t state_size = p.m * p.Ev + p.m, parts = g * segs;
+  Partials<T> part(items * parts, state_size);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Favor<T> f(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * parts; ++u) {
+      const int64_t it = u / parts, h = (it % p.Hk) * g + (u % parts) / segs, j = u % segs;
+      const int64_t b = it / p.Hk;
+      f.load_state(b, it % p.Hk);
+      f.zero(f.dS, state_size);
+      f.query_grads(b, h, imin(j * query_len, p.L), imin((j + 1) * query_len, p.L));
+      for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.dS[i];
+    }
+#pragma omp for
+    for (int64_t it = 0; it < items; ++it) {
+      T* total = part.state(it * parts);
+      for (int64_t r = 1; r < parts; ++r)
+        for (int64_t i = 0; i < state_size; ++i) total[i] += part.state(it * parts + r)[i];
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * segs; ++u) {
+      const int64_t it = u / segs, j = u % segs;
+      for (int64_t i = 0; i < state_size; ++i) f.dS[i] = part.state(it * parts)[i];
+      f.key_grads(it / p.Hk, it % p.Hk, imin(j * key_len, p.S), imin((j + 1) * key_len, p.S));
+    }
+  }
+}
+
 template <typename T>
 static void run_items(const FavorParams& p, bool backward) {
   const int64_t items = p.B * p.Hk;
   const int64_t seq = p.causal ? p.L : imax(p.L, p.S);
-  if (!backward && items < p.num_threads && seq >= 2 * kChunk) {
-    forward_split<T>(p, imin(p.num_threads, seq / kChunk));
-    return;
+  if (items < p.num_threads && seq >= 2 * kChunk) {
+    const int64_t segs = imin(p.num_threads, seq / kChunk);
+    if (!backward) {
+      forward_split<T>(p, segs);
+      return;
+    }
+    if (!p.causal) {
+      backward_bidirectional_split<T>(p, segs);
+      return;
+    }
   }
 #pragma omp parallel num_threads(p.num_threads)
   {
