@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-# A fresh torch.compile cache per session: a cache from an earlier build can hold graphs traced
+# A fresh torch.compile cache per test run: a cache from an earlier build can hold graphs traced
 # against an older op schema.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="performer-inductor-"))
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import performer
 from performer.bench.timing import machine_info, peak_extra_memory_mb, time_fn, write_json
 
-# The attention benchmark shape (issue targets are stated for it): B=1, H=8, E=Ev=64, m=256.
+# The attention benchmark shape (the performance targets are stated for it): B=1, H=8, E=Ev=64, m=256.
 SHAPE = dict(batch=1, heads=8, dim=64, num_features=256)
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [512, 1024, 2048, 4096]
