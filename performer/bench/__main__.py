@@ -32,6 +32,7 @@ IMPLS = {
             lambda q, k, v, c, w: performer.favor_attention(q, k, v, is_causal=c, features=w, backend="cpp")),
 }
 MEMORY_LENGTH = 65536
+SUITES = ("attention", "accuracy", "memory", "all")
 
 
 def make_inputs(L: int, dtype: torch.dtype, seed: int = 0, requires_grad: bool = False):
@@ -143,12 +144,16 @@ def format_memory(mem) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m performer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", choices=["attention", "accuracy", "memory", "all"], default=[])
+    parser.add_argument("suites", nargs="*", metavar="SUITE",
+                        help=f"one or more of {', '.join(SUITES)} (default: all; with --quick: attention accuracy)")
     parser.add_argument("--quick", action="store_true", help="short lengths and budgets (the demo)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths L = S")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default=None, help="directory for the JSON and markdown results")
     args = parser.parse_args(argv)
+    unknown = [x for x in args.suites if x not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
     suites = set(args.suites or (["attention", "accuracy"] if args.quick else ["all"]))
     if "all" in suites:
         suites = {"attention", "accuracy", "memory"}
