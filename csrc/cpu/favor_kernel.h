@@ -534,12 +534,13 @@ struct Favor {
     key_grads(b, hk, 0, p.S);
   }
 
-  void backward_causal(int64_t b, int64_t hk) {
+  // Causal backward, forward sweep: dq of positions [t_begin, t_end) (every query head of kv head
+  // hk) from the intra-chunk weights and [S, z], the keys before t_begin relative to
+  // shift[t_begin - 1].
+  void causal_dq(int64_t b, int64_t hk, int64_t t_begin, int64_t t_end) {
     const T* shift = shift_of(b, hk);
-    // Forward sweep: dq from the intra-chunk weights and the state of earlier chunks.
-    zero(S, m * Ev + m);
-    for (int64_t t0 = 0; t0 < p.L; t0 += C) {
-      const int64_t n = imin(C, p.L - t0);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
+      const int64_t n = imin(C, t_end - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
       load_keys(b, hk, t0, n);
       for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
@@ -562,14 +563,17 @@ struct Favor {
       scale_rows(phik, n, m, m, ref);
       add_to_state(n);
     }
-    // Reverse sweep: dk, dv from the intra-chunk weights and [P, p], the sum over later queries
-    // of e^{Mc - m_t} phi_q(t) [gq_t, -beta_t]^T, relative to the running maximum Mc at the
-    // chunk's end.
+  }
+
+  // Causal backward, reverse sweep: dk, dv of keys [t_begin, t_end) from the intra-chunk weights
+  // and [P, p] (in dS, dz): the sum over later queries of e^{Mc - m_t} phi_q(t) [gq_t, -beta_t]^T,
+  // relative to the running maximum Mc at the end of the chunk in hand (initially shift[t_end - 1]).
+  void causal_dkdv(int64_t b, int64_t hk, int64_t t_begin, int64_t t_end) {
+    const T* shift = shift_of(b, hk);
     T* P = dS;
     T* pv = dz;
-    zero(P, m * Ev + m);
-    for (int64_t t0 = ((p.L - 1) / C) * C; t0 >= 0 && p.L > 0; t0 -= C) {
-      const int64_t n = imin(C, p.L - t0);
+    for (int64_t t0 = t_begin + (t_end - 1 - t_begin) / C * C; t0 >= t_begin && t_end > t_begin; t0 -= C) {
+      const int64_t n = imin(C, t_end - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
       load_keys(b, hk, t0, n);
       for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
@@ -595,11 +599,41 @@ struct Favor {
         gemm_(n, Ev, n, a, 1, C, gq, Ev, 1, dv, Ev, true);
         scale_rows(gq, n, Ev, Ev, ref);
         for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
-        gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, P, Ev, true);
-        for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, pv, m);
+        add_query_part(n);
       }
       store_dk_dv(b, hk, t0, n);
     }
+  }
+
+  // [P, p] += phi_q^T [gq, -beta] for the n query rows in hand (already scaled).
+  void add_query_part(int64_t n) {
+    gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
+    for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, dz, m);
+  }
+
+  // [P, p] += the part of the queries [t_begin, t_end), relative to shift[t_begin - 1]: what the
+  // reverse sweep holds after those queries (for splitting it across threads).
+  void causal_query_part(int64_t b, int64_t hk, int64_t t_begin, int64_t t_end) {
+    const T* shift = shift_of(b, hk);
+    const T R = t_begin ? shift[t_begin - 1] : T(kNegInf);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
+      const int64_t n = imin(C, t_end - t0);
+      for (int64_t t = 0; t < n; ++t) ref[t] = rescale(R, shift[t0 + t]);
+      for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
+        saved_query_features(b, h, t0, n);
+        grad_rows(b, h, t0, n);
+        scale_rows(gq, n, Ev, Ev, ref);
+        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        add_query_part(n);
+      }
+    }
+  }
+
+  void backward_causal(int64_t b, int64_t hk) {
+    zero(S, m * Ev + m);
+    causal_dq(b, hk, 0, p.L);
+    zero(dS, m * Ev + m);
+    causal_dkdv(b, hk, 0, p.L);
   }
 };
 

@@ -19,6 +19,22 @@ static void combine_states(T* dst, T& Md, const T* src, T Ms, int64_t size) {
   Md = M;
 }
 
+// Replaces each of the segs partial states from part.state(first) on by the combination of the
+// ones before it (the first gets zeros and -inf): the state each segment starts from.
+template <typename T>
+static void exclusive_prefix(Partials<T>& part, int64_t first, int64_t segs, T* acc, T* tmp) {
+  T M = T(kNegInf);
+  for (int64_t i = 0; i < part.size; ++i) acc[i] = T(0);
+  for (int64_t j = 0; j < segs; ++j) {
+    const int64_t u = first + j;
+    const T Mj = part.maxima.p[u];
+    for (int64_t i = 0; i < part.size; ++i) tmp[i] = part.state(u)[i];
+    for (int64_t i = 0; i < part.size; ++i) part.state(u)[i] = acc[i];
+    part.maxima.p[u] = M;
+    combine_states(acc, M, tmp, Mj, part.size);
+  }
+}
+
 // The forward pass split over `segs` segments of the sequence per (batch, kv head), for when
 // there are fewer (batch, kv head) pairs than threads. Bidirectional: partial key states are
 // reduced, then query segments run in parallel. Causal: a two-pass scan: each segment's own
@@ -44,27 +60,17 @@ static void forward_split(const FavorParams& p, int64_t segs) {
     }
 #pragma omp for
     for (int64_t it = 0; it < items; ++it) {  // exclusive prefix (causal) or total (bidirectional)
-      T* acc = f.dS;
+      if (p.causal) {
+        exclusive_prefix(part, it * segs, segs, f.dS, f.S);
+        continue;
+      }
       T M = T(kNegInf);
-      f.zero(acc, state_size);
-      for (int64_t j = 0; j < segs; ++j) {
-        const int64_t u = it * segs + j;
-        const T Mj = part.maxima.p[u];
-        if (p.causal) {
-          for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
-          for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = acc[i];
-          part.maxima.p[u] = M;
-          combine_states(acc, M, f.S, Mj, state_size);
-        } else {
-          combine_states(acc, M, part.state(u), Mj, state_size);
-        }
-      }
-      if (!p.causal) {
-        for (int64_t i = 0; i < state_size; ++i) f.S[i] = acc[i];
-        f.save_state(it / p.Hk, it % p.Hk);
-        T* shift = f.shift_of(it / p.Hk, it % p.Hk);
-        for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
-      }
+      f.zero(f.S, state_size);
+      for (int64_t j = 0; j < segs; ++j)
+        combine_states(f.S, M, part.state(it * segs + j), part.maxima.p[it * segs + j], state_size);
+      f.save_state(it / p.Hk, it % p.Hk);
+      T* shift = f.shift_of(it / p.Hk, it % p.Hk);
+      for (int64_t s = 0; s < p.S; ++s) shift[s] = M;
     }
     const int64_t units = p.causal ? items * segs : items * g * segs;
 #pragma omp for schedule(dynamic, 1)
@@ -120,6 +126,65 @@ static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
   }
 }
 
+// The causal backward split the same way, by two scans: the key states each segment starts from
+// (exclusive prefix, as in the forward) for the dq sweep, and [P, p] at each segment's end (the
+// queries of later segments, an exclusive suffix) for the dk, dv sweep.
+template <typename T>
+static void backward_causal_split(const FavorParams& p, int64_t segs) {
+  const int64_t items = p.B * p.Hk;
+  const int64_t seg_len = ((p.L + segs - 1) / segs + kChunk - 1) / kChunk * kChunk;
+  const int64_t state_size = p.m * p.Ev + p.m;
+  Partials<T> keys(items * segs, state_size), queries(items * segs, state_size);
+#pragma omp parallel num_threads(p.num_threads)
+  {
+    Favor<T> f(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * segs; ++u) {
+      const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
+      const int64_t t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
+      T M = T(kNegInf);
+      f.zero(f.S, state_size);
+      f.accumulate_keys(b, hk, t_begin, t_end, M);
+      for (int64_t i = 0; i < state_size; ++i) keys.state(u)[i] = f.S[i];
+      keys.maxima.p[u] = M;
+      f.zero(f.dS, state_size);
+      f.causal_query_part(b, hk, t_begin, t_end);
+      for (int64_t i = 0; i < state_size; ++i) queries.state(u)[i] = f.dS[i];
+    }
+#pragma omp for
+    for (int64_t it = 0; it < items; ++it) {
+      exclusive_prefix(keys, it * segs, segs, f.dS, f.S);
+      // Suffix: P at the end of segment j = the part of segment j + 1 + P at its end, rescaled from
+      // the running maximum at the end of segment j + 1 to that at the end of segment j.
+      const T* shift = f.shift_of(it / p.Hk, it % p.Hk);
+      auto end_max = [&](int64_t j) {
+        const int64_t end = imin((j + 1) * seg_len, p.L);
+        return end > 0 ? shift[end - 1] : T(kNegInf);
+      };
+      T* acc = f.dS;
+      f.zero(acc, state_size);
+      for (int64_t j = segs - 1; j >= 0; --j) {
+        T* part_j = queries.state(it * segs + j);
+        for (int64_t i = 0; i < state_size; ++i) f.S[i] = part_j[i];
+        for (int64_t i = 0; i < state_size; ++i) part_j[i] = acc[i];
+        if (j > 0) {
+          const T keep = rescale(end_max(j - 1), end_max(j));
+          for (int64_t i = 0; i < state_size; ++i) acc[i] = f.S[i] + acc[i] * keep;
+        }
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < items * segs; ++u) {
+      const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
+      const int64_t t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
+      for (int64_t i = 0; i < state_size; ++i) f.S[i] = keys.state(u)[i];
+      f.causal_dq(b, hk, t_begin, t_end);
+      for (int64_t i = 0; i < state_size; ++i) f.dS[i] = queries.state(u)[i];
+      f.causal_dkdv(b, hk, t_begin, t_end);
+    }
+  }
+}
+
 template <typename T>
 static void run_items(const FavorParams& p, bool backward) {
   const int64_t items = p.B * p.Hk;
@@ -130,10 +195,9 @@ static void run_items(const FavorParams& p, bool backward) {
       forward_split<T>(p, segs);
       return;
     }
-    if (!p.causal) {
-      backward_bidirectional_split<T>(p, segs);
-      return;
-    }
+    if (p.causal) backward_causal_split<T>(p, segs);
+    else backward_bidirectional_split<T>(p, segs);
+    return;
   }
 #pragma omp parallel num_threads(p.num_threads)
   {
