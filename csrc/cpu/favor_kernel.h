@@ -177,6 +177,9 @@ struct Favor {
   void zero(T* x, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) x[i] = T(0);
   }
+  static void copy(T* dst, const T* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
 
   // The (m, Ev + 1) state tensor <-> the working S (m x Ev) and z (m).
   void save_state(int64_t b, int64_t hk) const {
@@ -397,6 +400,31 @@ struct Favor {
       for (int64_t i = 0; i < m * Ev + m; ++i) x[i] *= f;
   }
 
+  // Causal: carries [S, z] (relative to Mprev, the running maximum before the chunk) past the n
+  // keys in phik, ms; returns the running maximum at the chunk's end, the new reference.
+  T advance_state(int64_t n, T Mprev) {
+    const T Mend = ms[n - 1];
+    scale_state(S, rescale(Mprev, Mend));
+    for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mend);
+    scale_rows(phik, n, m, m, ref);
+    add_to_state(n);
+    return Mend;
+  }
+
+  // Backward, causal: keys [t0, t0+n) with the forward's running maxima (in ms) and features.
+  void saved_key_features(int64_t b, int64_t hk, int64_t t0, int64_t n) {
+    const T* shift = shift_of(b, hk);
+    load_keys(b, hk, t0, n);
+    for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
+    key_features(b, t0, n, ms);
+  }
+
+  // [gq, beta] rows *= ref: a query's gradient moved to another reference maximum.
+  void scale_grad_rows(int64_t n) {
+    scale_rows(gq, n, Ev, Ev, ref);
+    for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+  }
+
   // num/dens rows = phi_q [S, z] for the n rows in phiq, with S packed in s_p.
   void apply_state(int64_t n) {
     gemm_(n, s_p, phiq, m, 1, num, Ev, false);
@@ -481,12 +509,7 @@ struct Favor {
         }
         finish_rows(b, h, t0, n);
       }
-      const T Mend = ms[n - 1];
-      scale_state(S, rescale(M, Mend));
-      for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mend);
-      scale_rows(phik, n, m, m, ref);
-      add_to_state(n);
-      M = Mend;
+      M = advance_state(n, M);
     }
   }
 
@@ -506,8 +529,7 @@ struct Favor {
       saved_query_features(b, h, t0, n);
       grad_rows(b, h, t0, n);
       grad_through(n, S, z, m, dphiq, m, false);
-      gemm_(m, Ev, n, phiq, 1, m, gq, Ev, 1, dS, Ev, true);
-      for (int64_t t = 0; t < n; ++t) axpy(-beta[t], phiq + t * m, dz, m);
+      add_query_part(n);
       store_dq(b, h, t0, n);
     }
   }
@@ -542,9 +564,7 @@ struct Favor {
     for (int64_t t0 = t_begin; t0 < t_end; t0 += C) {
       const int64_t n = imin(C, t_end - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
-      load_keys(b, hk, t0, n);
-      for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
-      key_features(b, t0, n, ms);
+      saved_key_features(b, hk, t0, n);
       for (int64_t t = 0; t < n; ++t) ref[t] = rescale(Mprev, ms[t]);
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         saved_query_features(b, h, t0, n);
@@ -552,16 +572,11 @@ struct Favor {
         grad_through(n, vc, ones, n, da, C, false);
         causal_weights(da, n);
         gemm_(n, m, n, da, C, 1, phik, m, 1, dphiq, m, false);
-        scale_rows(gq, n, Ev, Ev, ref);
-        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        scale_grad_rows(n);
         grad_through(n, S, z, m, dphiq, m, true);
         store_dq(b, h, t0, n);
       }
-      const T Mend = ms[n - 1];
-      scale_state(S, rescale(Mprev, Mend));
-      for (int64_t s = 0; s < n; ++s) ref[s] = rescale(ms[s], Mend);
-      scale_rows(phik, n, m, m, ref);
-      add_to_state(n);
+      advance_state(n, Mprev);
     }
   }
 
@@ -575,9 +590,7 @@ struct Favor {
     for (int64_t t0 = t_begin + (t_end - 1 - t_begin) / C * C; t0 >= t_begin && t_end > t_begin; t0 -= C) {
       const int64_t n = imin(C, t_end - t0);
       const T Mprev = t0 ? shift[t0 - 1] : T(kNegInf);
-      load_keys(b, hk, t0, n);
-      for (int64_t s = 0; s < n; ++s) ms[s] = shift[t0 + s];
-      key_features(b, t0, n, ms);
+      saved_key_features(b, hk, t0, n);
       const T Mc = ms[n - 1];
       gemm_(n, m, Ev, vc, Ev, 1, P, 1, Ev, dphik, m, false);
       for (int64_t s = 0; s < n; ++s) axpy(T(1), pv, dphik + s * m, m);
@@ -597,8 +610,7 @@ struct Favor {
         causal_weights(da, n);
         gemm_(n, m, n, da, 1, C, phiq, m, 1, dphik, m, true);
         gemm_(n, Ev, n, a, 1, C, gq, Ev, 1, dv, Ev, true);
-        scale_rows(gq, n, Ev, Ev, ref);
-        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        scale_grad_rows(n);
         add_query_part(n);
       }
       store_dk_dv(b, hk, t0, n);
@@ -622,8 +634,7 @@ struct Favor {
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         saved_query_features(b, h, t0, n);
         grad_rows(b, h, t0, n);
-        scale_rows(gq, n, Ev, Ev, ref);
-        for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
+        scale_grad_rows(n);
         add_query_part(n);
       }
     }

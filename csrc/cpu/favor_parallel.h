@@ -19,6 +19,16 @@ static void combine_states(T* dst, T& Md, const T* src, T Ms, int64_t size) {
   Md = M;
 }
 
+// A sequence of `len` positions cut into `count` segments of whole chunks (the last ones may be
+// short or empty).
+struct Segments {
+  int64_t len, count, step;
+  Segments(int64_t len_, int64_t count_)
+      : len(len_), count(count_), step(((len_ + count_ - 1) / count_ + kChunk - 1) / kChunk * kChunk) {}
+  int64_t begin(int64_t j) const { return imin(j * step, len); }
+  int64_t end(int64_t j) const { return imin((j + 1) * step, len); }
+};
+
 // Replaces each of the segs partial states from part.state(first) on by the combination of the
 // ones before it (the first gets zeros and -inf): the state each segment starts from.
 template <typename T>
@@ -28,8 +38,8 @@ static void exclusive_prefix(Partials<T>& part, int64_t first, int64_t segs, T* 
   for (int64_t j = 0; j < segs; ++j) {
     const int64_t u = first + j;
     const T Mj = part.maxima.p[u];
-    for (int64_t i = 0; i < part.size; ++i) tmp[i] = part.state(u)[i];
-    for (int64_t i = 0; i < part.size; ++i) part.state(u)[i] = acc[i];
+    Favor<T>::copy(tmp, part.state(u), part.size);
+    Favor<T>::copy(part.state(u), acc, part.size);
     part.maxima.p[u] = M;
     combine_states(acc, M, tmp, Mj, part.size);
   }
@@ -42,8 +52,7 @@ static void exclusive_prefix(Partials<T>& part, int64_t first, int64_t segs, T* 
 template <typename T>
 static void forward_split(const FavorParams& p, int64_t segs) {
   const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
-  auto segment_length = [&](int64_t len) { return ((len + segs - 1) / segs + kChunk - 1) / kChunk * kChunk; };
-  const int64_t key_len = segment_length(p.S), query_len = segment_length(p.L);
+  const Segments keys(p.S, segs), queries(p.L, segs);
   const int64_t state_size = p.m * p.Ev + p.m;
   Partials<T> part(items * segs, state_size);
 #pragma omp parallel num_threads(p.num_threads)
@@ -54,8 +63,8 @@ static void forward_split(const FavorParams& p, int64_t segs) {
       const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
       T M = T(kNegInf);
       f.zero(f.S, state_size);
-      f.accumulate_keys(b, hk, imin(j * key_len, p.S), imin((j + 1) * key_len, p.S), M);
-      for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.S[i];
+      f.accumulate_keys(b, hk, keys.begin(j), keys.end(j), M);
+      Favor<T>::copy(part.state(u), f.S, state_size);
       part.maxima.p[u] = M;
     }
 #pragma omp for
@@ -75,10 +84,10 @@ static void forward_split(const FavorParams& p, int64_t segs) {
     const int64_t units = p.causal ? items * segs : items * g * segs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
-      const int64_t j = u % segs, t_begin = imin(j * query_len, p.L), t_end = imin((j + 1) * query_len, p.L);
+      const int64_t j = u % segs, t_begin = queries.begin(j), t_end = queries.end(j);
       if (p.causal) {
         const int64_t it = u / segs, b = it / p.Hk, hk = it % p.Hk;
-        for (int64_t i = 0; i < state_size; ++i) f.S[i] = part.state(u)[i];
+        Favor<T>::copy(f.S, part.state(u), state_size);
         f.forward_causal(b, hk, t_begin, t_end, part.maxima.p[u]);
         if (t_end == p.L && t_begin < t_end) f.save_state(b, hk);
       } else {
@@ -95,8 +104,7 @@ static void forward_split(const FavorParams& p, int64_t segs) {
 template <typename T>
 static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
   const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
-  auto segment_length = [&](int64_t len) { return ((len + segs - 1) / segs + kChunk - 1) / kChunk * kChunk; };
-  const int64_t key_len = segment_length(p.S), query_len = segment_length(p.L);
+  const Segments keys(p.S, segs), queries(p.L, segs);
   const int64_t state_size = p.m * p.Ev + p.m, parts = g * segs;
   Partials<T> part(items * parts, state_size);
 #pragma omp parallel num_threads(p.num_threads)
@@ -108,8 +116,8 @@ static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
       const int64_t b = it / p.Hk;
       f.load_state(b, it % p.Hk);
       f.zero(f.dS, state_size);
-      f.query_grads(b, h, imin(j * query_len, p.L), imin((j + 1) * query_len, p.L));
-      for (int64_t i = 0; i < state_size; ++i) part.state(u)[i] = f.dS[i];
+      f.query_grads(b, h, queries.begin(j), queries.end(j));
+      Favor<T>::copy(part.state(u), f.dS, state_size);
     }
 #pragma omp for
     for (int64_t it = 0; it < items; ++it) {
@@ -120,8 +128,8 @@ static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < items * segs; ++u) {
       const int64_t it = u / segs, j = u % segs;
-      for (int64_t i = 0; i < state_size; ++i) f.dS[i] = part.state(it * parts)[i];
-      f.key_grads(it / p.Hk, it % p.Hk, imin(j * key_len, p.S), imin((j + 1) * key_len, p.S));
+      Favor<T>::copy(f.dS, part.state(it * parts), state_size);
+      f.key_grads(it / p.Hk, it % p.Hk, keys.begin(j), keys.end(j));
     }
   }
 }
@@ -132,7 +140,7 @@ static void backward_bidirectional_split(const FavorParams& p, int64_t segs) {
 template <typename T>
 static void backward_causal_split(const FavorParams& p, int64_t segs) {
   const int64_t items = p.B * p.Hk;
-  const int64_t seg_len = ((p.L + segs - 1) / segs + kChunk - 1) / kChunk * kChunk;
+  const Segments seq(p.L, segs);
   const int64_t state_size = p.m * p.Ev + p.m;
   Partials<T> keys(items * segs, state_size), queries(items * segs, state_size);
 #pragma omp parallel num_threads(p.num_threads)
@@ -141,15 +149,14 @@ static void backward_causal_split(const FavorParams& p, int64_t segs) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < items * segs; ++u) {
       const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
-      const int64_t t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
       T M = T(kNegInf);
       f.zero(f.S, state_size);
-      f.accumulate_keys(b, hk, t_begin, t_end, M);
-      for (int64_t i = 0; i < state_size; ++i) keys.state(u)[i] = f.S[i];
+      f.accumulate_keys(b, hk, seq.begin(j), seq.end(j), M);
+      Favor<T>::copy(keys.state(u), f.S, state_size);
       keys.maxima.p[u] = M;
       f.zero(f.dS, state_size);
-      f.causal_query_part(b, hk, t_begin, t_end);
-      for (int64_t i = 0; i < state_size; ++i) queries.state(u)[i] = f.dS[i];
+      f.causal_query_part(b, hk, seq.begin(j), seq.end(j));
+      Favor<T>::copy(queries.state(u), f.dS, state_size);
     }
 #pragma omp for
     for (int64_t it = 0; it < items; ++it) {
@@ -157,16 +164,13 @@ static void backward_causal_split(const FavorParams& p, int64_t segs) {
       // Suffix: P at the end of segment j = the part of segment j + 1 + P at its end, rescaled from
       // the running maximum at the end of segment j + 1 to that at the end of segment j.
       const T* shift = f.shift_of(it / p.Hk, it % p.Hk);
-      auto end_max = [&](int64_t j) {
-        const int64_t end = imin((j + 1) * seg_len, p.L);
-        return end > 0 ? shift[end - 1] : T(kNegInf);
-      };
+      auto end_max = [&](int64_t j) { return seq.end(j) > 0 ? shift[seq.end(j) - 1] : T(kNegInf); };
       T* acc = f.dS;
       f.zero(acc, state_size);
       for (int64_t j = segs - 1; j >= 0; --j) {
         T* part_j = queries.state(it * segs + j);
-        for (int64_t i = 0; i < state_size; ++i) f.S[i] = part_j[i];
-        for (int64_t i = 0; i < state_size; ++i) part_j[i] = acc[i];
+        Favor<T>::copy(f.S, part_j, state_size);
+        Favor<T>::copy(part_j, acc, state_size);
         if (j > 0) {
           const T keep = rescale(end_max(j - 1), end_max(j));
           for (int64_t i = 0; i < state_size; ++i) acc[i] = f.S[i] + acc[i] * keep;
@@ -176,11 +180,10 @@ static void backward_causal_split(const FavorParams& p, int64_t segs) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < items * segs; ++u) {
       const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
-      const int64_t t_begin = imin(j * seg_len, p.L), t_end = imin((j + 1) * seg_len, p.L);
-      for (int64_t i = 0; i < state_size; ++i) f.S[i] = keys.state(u)[i];
-      f.causal_dq(b, hk, t_begin, t_end);
-      for (int64_t i = 0; i < state_size; ++i) f.dS[i] = queries.state(u)[i];
-      f.causal_dkdv(b, hk, t_begin, t_end);
+      Favor<T>::copy(f.S, keys.state(u), state_size);
+      f.causal_dq(b, hk, seq.begin(j), seq.end(j));
+      Favor<T>::copy(f.dS, queries.state(u), state_size);
+      f.causal_dkdv(b, hk, seq.begin(j), seq.end(j));
     }
   }
 }
