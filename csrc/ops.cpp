@@ -18,8 +18,17 @@ TORCH_LIBRARY(performer, m) {
   m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, "
         "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor query_shift, "
         "Tensor key_shift, float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
+  // Batched matrix product on canonical inputs a (B, M, K), b (B, K, N) of one dtype and device,
+  // any strides (a batch stride of 0 broadcasts): returns a @ b, (B, M, N) contiguous in that
+  // dtype; float16/bfloat16 accumulate in float32.
+  m.def("blocked_matmul(Tensor a, Tensor b) -> Tensor");
   // The instruction set whose CPU kernels run here: "baseline", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(performer::cpu::kernels().name); });
+  // The measured float FMA throughput of those kernels' vectors on `threads` threads, in GFLOP/s:
+  // the peak that the benchmarks compare with.
+  m.def("cpu_fma_peak_gflops(int threads, float seconds) -> float", [](int64_t threads, double seconds) {
+    return performer::cpu::kernels().fma_peak_gflops(int(threads), seconds);
+  });
 }
 
 // Importing performer._C runs the registrations above; the module itself holds nothing.

@@ -176,3 +176,60 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
 
     out_shape = tuple(q.shape[:-1]) + (v.shape[-1],)
     return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape)
+
+
+@dataclass(frozen=True)
+class MatmulArgs:
+    """Validated blocked_matmul arguments in the canonical layout: a (B, M, K), b (B, K, N), one
+    dtype and device, any strides (a broadcast batch has stride 0). ``out_shape`` is what
+    torch.matmul would return for the original operands."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    out_shape: tuple
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+
+def validate_matmul(a, b) -> MatmulArgs:
+    a = check_tensor("a", a, min_dim=1)
+    b = check_tensor("b", b, min_dim=1)
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype not in FLOAT_DTYPES:
+            expected = ", ".join(_dtype_name(d) for d in FLOAT_DTYPES)
+            raise TypeError(f"{name} must have a floating-point dtype ({expected}); got {_dtype_name(t.dtype)}")
+    check_same_dtype("b", b, "a", a)
+    check_same_device("b", b, "a", a)
+
+    # torch.matmul's 1-D rules: a vector a is a row (removed from the result), a vector b a column.
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
+    if b2.shape[-2] != K:
+        expected = f"({K},)" if b.dim() == 1 else f"(..., {K}, N)"
+        raise ValueError(f"b must have as many rows as a has columns (a: (..., M, K={K})): shape {expected}; "
+                         f"got a of shape {tuple(a.shape)} and b of shape {tuple(b.shape)}")
+    try:
+        batch = tuple(torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]))
+    except RuntimeError:
+        raise ValueError(f"a and b must have broadcastable batch dimensions (all but the last two); got "
+                         f"{tuple(a.shape[:-2])} for a of shape {tuple(a.shape)} and {tuple(b.shape[:-2])} "
+                         f"for b of shape {tuple(b.shape)}") from None
+
+    out_shape = batch + ((M,) if a.dim() > 1 else ()) + ((N,) if b.dim() > 1 else ())
+    if b2.dim() == 2 and a2.dim() > 2:
+        # A shared b: fold a's batch into its rows (one large product) when that is a view.
+        try:
+            return MatmulArgs(a2.view(math.prod(a2.shape[:-1]), K).unsqueeze(0), b2.unsqueeze(0), out_shape)
+        except RuntimeError:
+            pass
+    count = math.prod(batch)
+    a3 = a2.expand(batch + (M, K)).reshape(count, M, K)
+    b3 = b2.expand(batch + (K, N)).reshape(count, K, N)
+    return MatmulArgs(a3, b3, out_shape)

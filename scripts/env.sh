@@ -14,9 +14,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "== installing torch 2.13.0"
   "$PY" -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 fi
-if ! "$PY" -c "import numpy, pytest, pytest_benchmark, pybind11, ninja, setuptools, wheel" 2>/dev/null; then
-  echo "== installing numpy pytest pytest-benchmark pybind11 ninja"
-  "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel 2>&1 \
+if ! "$PY" -c "import numpy, pytest, pytest_benchmark, pybind11, ninja, setuptools, wheel, triton" 2>/dev/null; then
+  # triton has no torch dependency; without a GPU it runs the Triton kernels' tests in its interpreter.
+  echo "== installing numpy pytest pytest-benchmark pybind11 ninja triton"
+  "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel "triton>=3.4" 2>&1 \
     | { grep -v "is ignored: it is neither" || true; }
 fi
 echo "== building performer._C"

@@ -109,7 +109,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 
 # Forward and backward of a fixed case (crossing the 64-row chunks, GQA, padding with a fully
-# masked row) in every mode, checked against the float64 dense reference inside the subprocess.
+# masked row) in every mode, and blocked_matmul in every dtype and layout, checked against the float64
+# references inside the subprocess.
 ISA_SCRIPT = """
 import json, torch
 from conftest import Spec, assert_close, make_case
@@ -131,6 +132,18 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
                 multiple = 10 if dtype == torch.bfloat16 and name != "out" else 4
                 assert_close(a, b, r, what=f"{name} {dtype} causal={causal} {kernel}", multiple=multiple)
                 checked += 1
+import itertools, performer
+from performer.ops.matmul.reference import matmul_reference
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for (M, K, N), ta, tb in itertools.product(((1, 1, 1), (37, 300, 70), (300, 65, 1030)), (False, True), (False, True)):
+        g = torch.Generator().manual_seed(M + K + N)
+        a = torch.randn(2, K, M, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2) if ta else \
+            torch.randn(2, M, K, generator=g, dtype=torch.float64).to(dtype)
+        b = torch.randn(2, N, K, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2) if tb else \
+            torch.randn(2, K, N, generator=g, dtype=torch.float64).to(dtype)
+        assert_close(performer.blocked_matmul(a, b), matmul_reference(a, b), matmul_reference(a, b, dtype),
+                     what=f"matmul {dtype} {(M, K, N)} {ta} {tb}")
+        checked += 1
 print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
@@ -160,4 +173,4 @@ def test_every_isa_copy_matches_reference(isa, detected_isa):
         pytest.skip(f"this CPU runs at most {detected_isa}")
     result = _run_isa(isa)
     assert result["isa"] == isa
-    assert result["checked"] == 3 * 2 * 2 * 4
+    assert result["checked"] == 3 * 2 * 2 * 4 + 4 * 3 * 4

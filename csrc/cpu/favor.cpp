@@ -9,22 +9,11 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "dtypes.h"
 #include "kernels.h"
 
 namespace performer::cpu {
 namespace {
-
-DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kBFloat16: return DType::bf16;
-    case at::kHalf: return DType::f16;
-    default:
-      PERFORMER_CHECK_TYPE(false, name, "have dtype float32, float64, bfloat16 or float16", "; got ", t.scalar_type());
-  }
-  return DType::f32;
-}
 
 View view_of(const at::Tensor& t) {
   return View{const_cast<void*>(t.data_ptr()), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};

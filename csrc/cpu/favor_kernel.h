@@ -24,33 +24,6 @@ static constexpr double kQueryShiftSpan = 30.0;  // query features stay <= e^30 
 template <typename T>
 static constexpr T kMinDen = sizeof(T) == 4 ? T(1e-15) : T(1e-200);
 
-// ---- element conversion ----------------------------------------------------------------------
-
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
-static inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                                            // round to nearest even
-  return uint16_t(u >> 16);
-}
-static inline float f16_to_float(uint16_t h) {
-  _Float16 x;
-  __builtin_memcpy(&x, &h, 2);
-  return float(x);
-}
-static inline uint16_t float_to_f16(float f) {
-  _Float16 x = _Float16(f);
-  uint16_t h;
-  __builtin_memcpy(&h, &x, 2);
-  return h;
-}
-
 // dst[r * ld + d] = mul * view[b, h, t0 + r, d] for r < n, d < D.
 template <typename T>
 static void load_rows(const View& v, DType dt, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t D, T mul,

@@ -1,13 +1,31 @@
 // The package's GEMM core: C = (accumulate ? C : 0) + A B for strided A and B, packed into
 // MR x K and K x NR panels (zero-padded, so edge tiles read nothing out of bounds) and
-// multiplied by a register-blocked micro-kernel. Single-threaded: callers parallelize above it.
+// multiplied by a register-blocked micro-kernel in float. A and B may be float, bfloat16 or
+// float16 (converted to float while packing); float64 has its own plain path. Single-threaded:
+// callers parallelize above it (matmul_kernel.h, favor_parallel.h).
 // Included inside namespace performer::cpu::<isa> (see isa_common.h).
 #pragma once
 
 static constexpr int kMR = PERFORMER_GEMM_MR;
 static constexpr int kNR = 2 * kVecFloats;
+// Cache blocking: a kKC x NR panel of B (32 KiB with AVX-512) stays in L1 while the kMC x kKC
+// block of A (~230 KiB) streams from L2; the kKC x kNC block of B (1 MiB) is reused from L2/L3.
 static constexpr int64_t kKC = 256, kMC = 16 * kMR, kNC = 1024;
+static constexpr int64_t kDirectMaxCols = 4 * kNR;  // see prepare_a
 
+// 16-bit floating-point storage types, so that element loads can pick the conversion by type.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+static inline float to_float(float x) { return x; }
+static inline float to_float(bf16_t x) { return bf16_to_float(x.bits); }
+static inline float to_float(f16_t x) { return f16_to_float(x.bits); }
+static inline void store_float(float x, float* d) { *d = x; }
+template <typename T>
+static constexpr bool kIsFloat = false;
+template <>
+constexpr bool kIsFloat<float> = true;
+static inline void store_float(float x, bf16_t* d) { d->bits = float_to_bf16(x); }
+static inline void store_float(float x, f16_t* d) { d->bits = float_to_f16(x); }
 
 // Strided matrix view: element (i, j) at p[i * rs + j * cs].
 template <typename T>
@@ -17,37 +35,57 @@ struct Mat {
   T at(int64_t i, int64_t j) const { return p[i * rs + j * cs]; }
 };
 
-static void pack_a(const Mat<float>& a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
+// Rows i0..i0+mc, columns k0..k0+kc of A as MR-row panels, each k-major (dst[k * MR + i]).
+template <typename T>
+static void pack_a(const Mat<T>& a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
   for (int64_t ip = 0; ip < mc; ip += kMR) {
     const int64_t mr = imin(kMR, mc - ip);
-    for (int64_t k = 0; k < kc; ++k) {
-      for (int64_t i = 0; i < mr; ++i) dst[i] = a.at(i0 + ip + i, k0 + k);
-      for (int64_t i = mr; i < kMR; ++i) dst[i] = 0.f;
-      dst += kMR;
+    if (a.rs == 1) {  // columns of A are contiguous
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* col = a.p + (i0 + ip) + (k0 + k) * a.cs;
+        for (int64_t i = 0; i < mr; ++i) dst[k * kMR + i] = to_float(col[i]);
+        for (int64_t i = mr; i < kMR; ++i) dst[k * kMR + i] = 0.f;
+      }
+    } else {
+      for (int64_t i = 0; i < mr; ++i) {
+        const T* row = a.p + (i0 + ip + i) * a.rs + k0 * a.cs;
+        if (a.cs == 1)
+          for (int64_t k = 0; k < kc; ++k) dst[k * kMR + i] = to_float(row[k]);
+        else
+          for (int64_t k = 0; k < kc; ++k) dst[k * kMR + i] = to_float(row[k * a.cs]);
+      }
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = mr; i < kMR; ++i) dst[k * kMR + i] = 0.f;
     }
+    dst += kc * kMR;
   }
 }
 
-static void pack_b(const Mat<float>& b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* dst) {
+// Rows k0..k0+kc, columns j0..j0+nc of B as NR-column panels, each k-major (dst[k * NR + j]).
+template <typename T>
+static void pack_b(const Mat<T>& b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* dst) {
   for (int64_t jp = 0; jp < nc; jp += kNR) {
     const int64_t nr = imin(kNR, nc - jp);
-    for (int64_t k = 0; k < kc; ++k) {
-      const float* src = b.p + (k0 + k) * b.rs + (j0 + jp) * b.cs;
-      if (b.cs == 1) {
-        for (int64_t j = 0; j < nr; ++j) dst[j] = src[j];
-      } else if (b.rs != 1) {
-        for (int64_t j = 0; j < nr; ++j) dst[j] = src[j * b.cs];
-      }
-      for (int64_t j = nr; j < kNR; ++j) dst[j] = 0.f;
-      dst += kNR;
-    }
     if (b.cs != 1 && b.rs == 1) {  // columns of B are contiguous: read them in order
-      float* panel = dst - kc * kNR;
       for (int64_t j = 0; j < nr; ++j) {
-        const float* col = b.p + k0 + (j0 + jp + j) * b.cs;
-        for (int64_t k = 0; k < kc; ++k) panel[k * kNR + j] = col[k];
+        const T* col = b.p + k0 + (j0 + jp + j) * b.cs;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + j] = to_float(col[k]);
+      }
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = nr; j < kNR; ++j) dst[k * kNR + j] = 0.f;
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = b.p + (k0 + k) * b.rs + (j0 + jp) * b.cs;
+        float* out = dst + k * kNR;
+        if (b.cs == 1) {
+          for (int64_t j = 0; j < nr; ++j) out[j] = to_float(src[j]);
+        } else {
+          for (int64_t j = 0; j < nr; ++j) out[j] = to_float(src[j * b.cs]);
+        }
+        for (int64_t j = nr; j < kNR; ++j) out[j] = 0.f;
       }
     }
+    dst += kc * kNR;
   }
 }
 
@@ -60,6 +98,12 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, int64_t a
                                 const float* __restrict bp, float* __restrict c, int64_t ldc, bool accumulate,
                                 int64_t mr, int64_t nr) {
   if (kPacked) { ars = 1; acs = kMR; }
+  // The C tile is touched only after the k loop: start fetching it now (a miss per row otherwise).
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR; ++i) {
+    __builtin_prefetch(c + i * ldc, 1, 3);
+    __builtin_prefetch(c + i * ldc + kNR - 1, 1, 3);
+  }
   vreg c0[kMR], c1[kMR];
 #pragma GCC unroll 16
   for (int i = 0; i < kMR; ++i) c0[i] = c1[i] = vzero();
@@ -127,7 +171,44 @@ struct GemmScratch {
   PackedB<T> bp;
 };
 
-// C[M x N] (+)= A B with B pre-packed.
+// The loops around the micro-kernel for one block: C[mc x nc] (+)= A[mc x kc] Bblock[kc x nc].
+// Rows below `direct_rows` are read in place from float A (a, ars, acs); the rest come from packed
+// panels at `apack` (panel 0 = row direct_rows). Each NR panel of B is reused across all rows.
+static void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const float* a, int64_t ars, int64_t acs,
+                         int64_t direct_rows, const float* apack, const float* bblock, float* c, int64_t ldc,
+                         bool accumulate) {
+  for (int64_t jr = 0; jr < nc; jr += kNR) {
+    const int64_t nr = imin(kNR, nc - jr);
+    for (int64_t ir = 0; ir < mc; ir += kMR) {
+      const int64_t mr = imin(kMR, mc - ir);
+      float* cp = c + ir * ldc + jr;
+      if (ir < direct_rows)
+        micro_kernel<false>(kc, a + ir * ars, ars, acs, bblock + jr * kc, cp, ldc, accumulate, mr, nr);
+      else
+        micro_kernel<true>(kc, apack + (ir - direct_rows) * kc, 1, kMR, bblock + jr * kc, cp, ldc, accumulate,
+                           mr, nr);
+    }
+  }
+}
+
+// Rows i0..i0+mc, columns k0..k0+kc of A for macro_kernel: float A with contiguous rows or columns
+// is read in place except a last partial row panel, which is packed (zero-padded) so that nothing
+// past the matrix is read; anything else is packed. Returns the number of rows read in place.
+// Reading in place pays when few B panels reuse each A panel (nc small); for wide blocks packing
+// is cheap and keeps the micro-kernel's 14 row streams off one cache set (large power-of-2 strides).
+template <typename T>
+static int64_t prepare_a(const Mat<T>& a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t nc, float* apack) {
+  int64_t direct_rows = 0;
+  if constexpr (kIsFloat<T>)
+    if ((a.cs == 1 || a.rs == 1) && nc <= kDirectMaxCols) direct_rows = (mc / kMR) * kMR;
+  if (direct_rows < mc) pack_a(a, i0 + direct_rows, mc - direct_rows, k0, kc, apack);
+  return direct_rows;
+}
+
+// Floats of A-panel scratch that prepare_a needs for an mc x kc block.
+static inline int64_t apack_size(int64_t mc, int64_t kc) { return ((mc + kMR - 1) / kMR) * kMR * kc; }
+
+// C[M x N] (+)= A B with B pre-packed (the whole K x N, in kKC-deep blocks).
 static void gemm(int64_t M, const PackedB<float>& b, Mat<float> a, float* c, int64_t ldc, bool accumulate,
                  GemmScratch<float>& ws) {
   const int64_t N = b.N, K = b.K;
@@ -138,32 +219,14 @@ static void gemm(int64_t M, const PackedB<float>& b, Mat<float> a, float* c, int
         for (int64_t j = 0; j < N; ++j) c[i * ldc + j] = 0.f;
     return;
   }
-  // A with contiguous rows or columns is read in place, except a last partial row panel, which is
-  // packed (zero-padded) so that nothing past the matrix is read.
-  const bool direct = a.cs == 1 || a.rs == 1;
-  float* apack = ws.a.get(imin(kKC, K) * (direct ? kMR : imin(kMC, ((M + kMR - 1) / kMR) * kMR)));
+  float* apack = ws.a.get(apack_size(imin(kMC, M), imin(kKC, K)));
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = imin(kKC, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    const float* bblock = b.buf.p + k0 * b.Npad;
     for (int64_t i0 = 0; i0 < M; i0 += kMC) {
       const int64_t mc = imin(kMC, M - i0);
-      if (!direct) pack_a(a, i0, mc, k0, kc, apack);
-      const int64_t full = direct ? (mc / kMR) * kMR : mc;
-      if (full < mc) pack_a(a, i0 + full, mc - full, k0, kc, apack);
-      for (int64_t jr = 0; jr < N; jr += kNR) {
-        const int64_t nr = imin(kNR, N - jr);
-        for (int64_t ir = 0; ir < mc; ir += kMR) {
-          float* cp = c + (i0 + ir) * ldc + jr;
-          const int64_t mr = imin(kMR, mc - ir);
-          if (ir < full && direct)
-            micro_kernel<false>(kc, a.p + (i0 + ir) * a.rs + k0 * a.cs, a.rs, a.cs, bblock + jr * kc, cp, ldc, acc,
-                                mr, nr);
-          else
-            micro_kernel<true>(kc, apack + (ir - (direct ? full : 0)) * kc, 1, kMR, bblock + jr * kc, cp, ldc, acc,
-                               mr, nr);
-        }
-      }
+      const int64_t direct_rows = prepare_a(a, i0, mc, k0, kc, N, apack);
+      macro_kernel(mc, N, kc, a.p + i0 * a.rs + k0 * a.cs, a.rs, a.cs, direct_rows, apack, b.buf.p + k0 * b.Npad,
+                   c + i0 * ldc, ldc, accumulate || k0 > 0);
     }
   }
 }

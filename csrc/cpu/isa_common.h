@@ -71,6 +71,32 @@ static inline float exp_fast(float x) {
 }
 static inline double exp_fast(double x) { return ::exp(x); }
 
+// 16-bit floats, stored as their bits: conversion to and from float (round to nearest even).
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                            // round to nearest even
+  return uint16_t(u >> 16);
+}
+static inline float f16_to_float(uint16_t h) {
+  _Float16 x;
+  __builtin_memcpy(&x, &h, 2);
+  return float(x);
+}
+static inline uint16_t float_to_f16(float f) {
+  _Float16 x = _Float16(f);
+  uint16_t h;
+  __builtin_memcpy(&h, &x, 2);
+  return h;
+}
+
 // A grow-only, 64-byte aligned scratch buffer (one per thread per call).
 template <typename T>
 struct Scratch {

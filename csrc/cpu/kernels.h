@@ -40,10 +40,25 @@ struct FavorParams {
   void* dv;
 };
 
+// c (batch, M, N) contiguous = a (batch, M, K) @ b (batch, K, N), all in `dtype`, with element
+// strides (a batch stride of 0 broadcasts). M, N, K and batch are >= 1.
+struct MatmulParams {
+  DType dtype;
+  int64_t batch, M, N, K;
+  const void* a;
+  int64_t a_stride[3];
+  const void* b;
+  int64_t b_stride[3];
+  void* c;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* name;
   void (*favor_forward)(const FavorParams&);
   void (*favor_backward)(const FavorParams&);
+  void (*matmul)(const MatmulParams&);
+  double (*fma_peak_gflops)(int threads, double seconds);  // measured, see fma_peak.h
 };
 
 namespace baseline { extern const KernelTable table; }

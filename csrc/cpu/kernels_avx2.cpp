@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #pragma GCC target("avx2,fma,f16c")
 #define PERFORMER_ISA_AVX2 1  // `#pragma GCC target` defines no __AVX2__ in C++
 #define PERFORMER_VEC_BYTES 32
@@ -18,7 +19,9 @@ namespace performer::cpu::avx2 {
 #include "gemm.h"
 #include "favor_kernel.h"
 #include "favor_parallel.h"
+#include "matmul_kernel.h"
+#include "fma_peak.h"
 
-extern const KernelTable table = {"avx2", favor_forward, favor_backward};
+extern const KernelTable table = {"avx2", favor_forward, favor_backward, matmul, fma_peak_gflops};
 
 }  // namespace performer::cpu::avx2

@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define PERFORMER_VEC_BYTES 16
 #define PERFORMER_GEMM_MR 4
@@ -16,7 +17,9 @@ namespace performer::cpu::baseline {
 #include "gemm.h"
 #include "favor_kernel.h"
 #include "favor_parallel.h"
+#include "matmul_kernel.h"
+#include "fma_peak.h"
 
-extern const KernelTable table = {"baseline", favor_forward, favor_backward};
+extern const KernelTable table = {"baseline", favor_forward, favor_backward, matmul, fma_peak_gflops};
 
 }  // namespace performer::cpu::baseline

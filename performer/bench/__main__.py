@@ -1,8 +1,10 @@
-"""FAVOR+ microbenchmarks against exact attention, measured in one run.
+"""Microbenchmarks of FAVOR+ against exact attention and of blocked_matmul against torch.matmul,
+measured in one run.
 
-    python -m performer.bench                  # attention and accuracy, full lengths
-    python -m performer.bench --quick          # the short demo (about a minute)
+    python -m performer.bench                  # every suite, full sizes
+    python -m performer.bench --quick          # the short demo (about two minutes)
     python -m performer.bench attention --lengths 1024 4096 --threads 2
+    python -m performer.bench matmul
 
 Every ratio in a table is against a baseline measured in the same run on the same machine.
 """
@@ -32,7 +34,18 @@ IMPLS = {
             lambda q, k, v, c, w: performer.favor_attention(q, k, v, is_causal=c, features=w, backend="cpp")),
 }
 MEMORY_LENGTH = 65536
-SUITES = ("attention", "accuracy", "memory", "all")
+SUITES = ("attention", "accuracy", "memory", "matmul", "all")
+
+# Matrix products: (name, batch, M, K, N, a transposed?). The FAVOR+ shapes are those of B=1, H=8,
+# L=8192, E=64, m=256: feature projection (8 heads x 8192 rows) x W^T, the key state phi(K)^T V
+# per head (phi(K)^T read as a transposed view), and the output phi(Q) S.
+MATMUL_SQUARE = [256, 512, 1024, 2048, 4096]
+QUICK_MATMUL_SQUARE = [256, 512, 1024]
+MATMUL_FAVOR = [("favor projection (8*8192 x 64) x (64 x 256)", 1, 8 * 8192, 64, 256, False),
+                ("favor state 8 x (256 x 8192) x (8192 x 64)", 8, 256, 8192, 64, True),
+                ("favor output (8192 x 256) x (256 x 64)", 1, 8192, 256, 64, False)]
+MATMUL_IMPLS = {"torch": ("torch.matmul", torch.matmul),
+                "cpp": ("performer.blocked_matmul (C++)", lambda a, b: performer.blocked_matmul(a, b, backend="cpp"))}
 
 
 def make_inputs(L: int, dtype: torch.dtype, seed: int = 0, requires_grad: bool = False):
@@ -115,6 +128,42 @@ def accuracy_suite(features_list, L: int = 1024, draws: int = 3) -> list[dict]:
     return rows
 
 
+def matmul_suite(square, dtypes, budget_s, threads) -> dict:
+    """GFLOP/s of blocked_matmul and torch.matmul, and the measured FMA peak, in one run."""
+    shapes = [(f"square {n}", 1, n, n, n, False) for n in square] + MATMUL_FAVOR
+    peak = torch.ops.performer.cpu_fma_peak_gflops(threads, 0.5)
+    print(f"  measured float32 FMA peak: {peak:.0f} GFLOP/s on {threads} threads")
+    rows = []
+    for dtype in dtypes:
+        for name, batch, M, K, N, transposed in shapes:
+            g = torch.Generator().manual_seed(0)
+            a = (torch.randn(batch, K, M, generator=g).transpose(1, 2) if transposed else
+                 torch.randn(batch, M, K, generator=g)).to(dtype)
+            b = torch.randn(batch, K, N, generator=g).to(dtype)
+            flops = 2.0 * batch * M * K * N
+            row = {"shape": name, "batch": batch, "M": M, "K": K, "N": N, "dtype": str(dtype).replace("torch.", "")}
+            for impl, (_, fn) in MATMUL_IMPLS.items():
+                t = time_fn(lambda: fn(a, b), budget_s=budget_s, max_repeats=20, warmup=2)
+                row[impl] = {"median_ms": t.median_ms, "spread_ms": t.spread_ms, "repeats": t.repeats,
+                             "noisy": t.noisy, "gflops": flops / t.median_ms * 1e-6}
+            rows.append(row)
+            print(f"  {row['dtype']:8s} {name:45s} " + "  ".join(
+                f"{impl} {row[impl]['gflops']:6.0f} GFLOP/s" for impl in MATMUL_IMPLS), flush=True)
+    return {"peak_gflops": peak, "rows": rows}
+
+
+def format_matmul(result) -> str:
+    peak = result["peak_gflops"]
+    lines = [f"Measured FMA peak: {peak:.0f} GFLOP/s (float32).", "",
+             "| shape | dtype | torch.matmul GFLOP/s | performer GFLOP/s | vs torch.matmul | % of peak |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        t, c = r["torch"]["gflops"], r["cpp"]["gflops"]
+        flag = " (noisy)" if r["torch"]["noisy"] or r["cpp"]["noisy"] else ""
+        lines.append(f"| {r['shape']} | {r['dtype']} | {t:.0f} | {c:.0f}{flag} | {c / t:.2f}x | {100 * c / peak:.0f}% |")
+    return "\n".join(lines)
+
+
 def format_attention(rows) -> str:
     lines = ["| L | mode | causal | SDPA ms | plain PyTorch ms | performer ms | vs SDPA | vs plain PyTorch |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -145,18 +194,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m performer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help=f"one or more of {', '.join(SUITES)} (default: all; with --quick: attention accuracy)")
+                        help=f"one or more of {', '.join(SUITES)} (default: all; with --quick: attention accuracy matmul)")
     parser.add_argument("--quick", action="store_true", help="short lengths and budgets (the demo)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths L = S")
+    parser.add_argument("--sizes", type=int, nargs="+", help="square matmul sizes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default=None, help="directory for the JSON and markdown results")
     args = parser.parse_args(argv)
     unknown = [x for x in args.suites if x not in SUITES]
     if unknown:
         parser.error(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    suites = set(args.suites or (["attention", "accuracy"] if args.quick else ["all"]))
+    suites = set(args.suites or (["attention", "accuracy", "matmul"] if args.quick else ["all"]))
     if "all" in suites:
-        suites = {"attention", "accuracy", "memory"}
+        suites = {"attention", "accuracy", "memory", "matmul"}
     torch.set_num_threads(args.threads)
     info = machine_info()
     B, H, E, m = SHAPE["batch"], SHAPE["heads"], SHAPE["dim"], SHAPE["num_features"]
@@ -183,14 +233,21 @@ def main(argv=None) -> int:
         mem = memory_suite(args.threads)
         payload["memory"] = mem
         report += [f"### Peak extra memory, forward+backward, L={MEMORY_LENGTH}", "", format_memory(mem), ""]
+    if "matmul" in suites:
+        print(f"matmul: blocked_matmul vs torch.matmul, {args.threads} threads")
+        result = matmul_suite(args.sizes or (QUICK_MATMUL_SQUARE if args.quick else MATMUL_SQUARE),
+                              [torch.float32, torch.bfloat16], budget_s=0.3 if args.quick else 1.0,
+                              threads=args.threads)
+        payload["matmul"] = result
+        report += [f"### Matrix multiply, {args.threads} threads (median of repeats)", "", format_matmul(result), ""]
     text = "\n".join(report)
     print("\n" + text)
     if args.out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        write_json(os.path.join(args.out, f"favor-cpu-{stamp}.json"), payload)
-        with open(os.path.join(args.out, f"favor-cpu-{stamp}.md"), "w") as f:
+        write_json(os.path.join(args.out, f"bench-cpu-{stamp}.json"), payload)
+        with open(os.path.join(args.out, f"bench-cpu-{stamp}.md"), "w") as f:
             f.write(text)
-        print(f"results written to {args.out}/favor-cpu-{stamp}.json and .md")
+        print(f"results written to {args.out}/bench-cpu-{stamp}.json and .md")
     return 0
 
 
