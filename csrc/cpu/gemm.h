@@ -11,7 +11,6 @@ static constexpr int kNR = 2 * kVecFloats;
 // Cache blocking: a kKC x NR panel of B (32 KiB with AVX-512) stays in L1 while the kMC x kKC
 // block of A (~230 KiB) streams from L2; the kKC x kNC block of B (1 MiB) is reused from L2/L3.
 static constexpr int64_t kKC = 256, kMC = 16 * kMR, kNC = 1024;
-static constexpr int64_t kDirectMaxCols = 4 * kNR;  // see prepare_a
 
 // 16-bit floating-point storage types, so that element loads can pick the conversion by type.
 struct bf16_t { uint16_t bits; };
@@ -191,16 +190,25 @@ static void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const float* a, int
   }
 }
 
-// Rows i0..i0+mc, columns k0..k0+kc of A for macro_kernel: float A with contiguous rows or columns
-// is read in place except a last partial row panel, which is packed (zero-padded) so that nothing
-// past the matrix is read; anything else is packed. Returns the number of rows read in place.
-// Reading in place pays when few B panels reuse each A panel (nc small); for wide blocks packing
-// is cheap and keeps the micro-kernel's 14 row streams off one cache set (large power-of-2 strides).
+// Whether macro_kernel reads float A in place (BLIS's "unpacked" case) rather than packing it:
+// A's rows or columns are contiguous, and either few B panels reuse each A panel (nc small, so
+// packing would not pay) or the micro-kernel's MR row streams are close together. MR streams a
+// multiple of 4 KiB apart (large power-of-2 leading dimensions) would share one L1 set.
+static constexpr int64_t kDirectMaxCols = 4 * kNR, kDirectMaxStride = 256;
+template <typename T>
+static inline bool reads_a_in_place(const Mat<T>& a, int64_t nc) {
+  if constexpr (!kIsFloat<T>) return false;
+  if (a.cs != 1 && a.rs != 1) return false;
+  const int64_t lead = a.cs == 1 ? a.rs : a.cs;
+  return nc <= kDirectMaxCols || lead <= kDirectMaxStride;
+}
+
+// Rows i0..i0+mc, columns k0..k0+kc of A for macro_kernel: read in place (reads_a_in_place)
+// except a last partial row panel, which is packed (zero-padded) so that nothing past the matrix
+// is read; or all packed. Returns the number of rows read in place.
 template <typename T>
 static int64_t prepare_a(const Mat<T>& a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t nc, float* apack) {
-  int64_t direct_rows = 0;
-  if constexpr (kIsFloat<T>)
-    if ((a.cs == 1 || a.rs == 1) && nc <= kDirectMaxCols) direct_rows = (mc / kMR) * kMR;
+  const int64_t direct_rows = reads_a_in_place(a, nc) ? (mc / kMR) * kMR : 0;
   if (direct_rows < mc) pack_a(a, i0 + direct_rows, mc - direct_rows, k0, kc, apack);
   return direct_rows;
 }

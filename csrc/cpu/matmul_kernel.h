@@ -98,7 +98,7 @@ static MatmulPlan plan_matmul(const MatmulParams& p) {
   if (base % threads != 0 && base < 8 * threads) {
     const int64_t factor = threads / gcd(base, threads);
     const int64_t panels = ceil_div(p.N, kNR), row_panels = ceil_div(p.M, kMR);
-    const bool a_direct = kIsFloat<T> && (p.a_stride[1] == 1 || p.a_stride[2] == 1) && p.N <= kDirectMaxCols * nparts;
+    const bool a_direct = reads_a_in_place(batch_mat<T>(p.a, p.a_stride, 0), ceil_div(p.N, nparts * factor));
     const bool prefer_cols = a_direct || p.N >= p.M;
     if ((prefer_cols || row_panels < factor) && panels >= nparts * factor) nparts *= factor;
     else mparts = imin(factor, row_panels);
