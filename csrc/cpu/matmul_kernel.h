@@ -4,8 +4,8 @@
 //
 // Per job, in the classic order: for each kKC-deep slice of K, pack the slice of B (kc x nc) once,
 // then for each kMC-row block of A pack it (or read float A in place) and run the macro-kernel.
-// float32 output accumulates in place across K slices; bfloat16/float16 output accumulates each
-// row block in a float buffer (K slices innermost) and is rounded once at the end.
+// float32 output accumulates in place across K slices; bfloat16/float16 output in a float buffer
+// over the job's rows (at most kMaxBufferedRows of them), rounded once at the end.
 #pragma once
 
 // Packing buffers kept per thread between calls: large buffers freed and faulted in again on
@@ -17,6 +17,8 @@ static MatmulWorkspace& matmul_workspace() {
   static thread_local MatmulWorkspace ws;
   return ws;
 }
+
+static constexpr int64_t kMaxBufferedRows = 4 * kMC;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -40,33 +42,32 @@ static void matmul_job(const MatmulParams& p, int64_t bi, int64_t m0, int64_t m1
     if constexpr (kIsFloat<T>) return a.p + i0 * a.rs + k0 * a.cs;
     return nullptr;  // never read: prepare_a packs every row of non-float A
   };
+  // float32 accumulates in the output itself; 16-bit outputs in a float buffer over the job's
+  // rows (bounded by the plan), rounded once at the end.
+  float* acc;
+  int64_t ldacc;
   if constexpr (kIsFloat<T>) {
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = imin(kKC, K - k0);
-      pack_b(b, k0, kc, j0, nc, bpack);
-      for (int64_t i0 = m0; i0 < m1; i0 += kMC) {
-        const int64_t mc = imin(kMC, m1 - i0);
-        const int64_t direct_rows = prepare_a(a, i0, mc, k0, kc, nc, apack);
-        macro_kernel(mc, nc, kc, a_direct(i0, k0), a.rs, a.cs, direct_rows, apack, bpack, c + i0 * N + j0, N, k0 > 0);
-      }
-    }
+    acc = c + m0 * N + j0;
+    ldacc = N;
   } else {
-    float* cbuf = ws.c.get(imin(kMC, m1 - m0) * nc);
-    const bool one_slice = K <= kKC;
-    if (one_slice) pack_b(b, 0, K, j0, nc, bpack);
+    acc = ws.c.get((m1 - m0) * nc);
+    ldacc = nc;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = imin(kKC, K - k0);
+    pack_b(b, k0, kc, j0, nc, bpack);
     for (int64_t i0 = m0; i0 < m1; i0 += kMC) {
       const int64_t mc = imin(kMC, m1 - i0);
-      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        const int64_t kc = imin(kKC, K - k0);
-        if (!one_slice) pack_b(b, k0, kc, j0, nc, bpack);
-        const int64_t direct_rows = prepare_a(a, i0, mc, k0, kc, nc, apack);
-        macro_kernel(mc, nc, kc, a_direct(i0, k0), a.rs, a.cs, direct_rows, apack, bpack, cbuf, nc, k0 > 0);
-      }
-      for (int64_t i = 0; i < mc; ++i) {
-        T* row = c + (i0 + i) * N + j0;
-        const float* src = cbuf + i * nc;
-        for (int64_t j = 0; j < nc; ++j) store_float(src[j], row + j);
-      }
+      const int64_t direct_rows = prepare_a(a, i0, mc, k0, kc, nc, apack);
+      macro_kernel(mc, nc, kc, a_direct(i0, k0), a.rs, a.cs, direct_rows, apack, bpack, acc + (i0 - m0) * ldacc,
+                   ldacc, k0 > 0);
+    }
+  }
+  if constexpr (!kIsFloat<T>) {
+    for (int64_t i = m0; i < m1; ++i) {
+      T* row = c + i * N + j0;
+      const float* src = acc + (i - m0) * nc;
+      for (int64_t j = 0; j < nc; ++j) store_float(src[j], row + j);
     }
   }
 }
@@ -85,7 +86,8 @@ void matmul_job<double>(const MatmulParams& p, int64_t bi, int64_t m0, int64_t m
 // How C is cut into jobs: column blocks of at most kNC (multiples of NR), then, when batch x
 // column blocks do not share evenly among the threads, more column blocks or row ranges. Column
 // splits are preferred when A is read in place (no thread packs anything twice) or N >= M;
-// otherwise rows are split (each thread then packs B's block itself).
+// otherwise rows are split (each thread then packs B's block itself). 16-bit outputs also cap the
+// rows of a job (their float accumulation buffer).
 struct MatmulPlan {
   int64_t nc, mr, col_blocks, row_blocks, jobs;
 };
@@ -102,6 +104,13 @@ static MatmulPlan plan_matmul(const MatmulParams& p) {
     const bool prefer_cols = a_direct || p.N >= p.M;
     if ((prefer_cols || row_panels < factor) && panels >= nparts * factor) nparts *= factor;
     else mparts = imin(factor, row_panels);
+  }
+  if constexpr (!kIsFloat<T>) {
+    const int64_t needed = ceil_div(p.M, kMaxBufferedRows);
+    if (needed > mparts) {  // a multiple of what shares evenly, as above
+      const int64_t even = threads / gcd(p.batch * nparts, threads);
+      mparts = imin(round_up(needed, even), ceil_div(p.M, kMR));
+    }
   }
   MatmulPlan plan{};
   plan.nc = round_up(ceil_div(p.N, nparts), kNR);
