@@ -233,3 +233,197 @@ def validate_matmul(a, b) -> MatmulArgs:
     a3 = a2.expand(batch + (M, K)).reshape(count, M, K)
     b3 = b2.expand(batch + (K, N)).reshape(count, K, N)
     return MatmulArgs(a3, b3, out_shape)
+
+
+# ---- incremental decoding (favor_attention_step) -------------------------------------------------
+
+def validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask):
+    """favor_attention's checks for the new positions (causal, one key per query), then the state's
+    shapes against them. Returns (FavorArgs, the state as a (kv, normalizer, key_max) tuple or None)."""
+    q = check_tensor("query", query, min_dim=2)
+    k = check_tensor("key", key, min_dim=2)
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"key must hold one new position per query position (dim -2): query has {q.shape[-2]}, "
+                         f"key has {k.shape[-2]}")
+    args = validate_favor(query, key, value, None, 0.0, True, scale, features, key_padding_mask, kernel)
+    if state is None:
+        return args, None
+    if not isinstance(state, tuple) or len(state) != 3:
+        raise TypeError(f"state must be the FavorState (kv, normalizer, key_max) returned by favor_attention_step "
+                        f"or None; got {type(state).__name__}")
+    B, Hk, m, Ev = args.k.shape[0], args.k.shape[1], args.features.shape[0], args.v.shape[3]
+    acc = torch.float64 if args.dtype == torch.float64 else torch.float32
+    expected = (("kv", (B, Hk, m, Ev), "(B, Hk, m, Ev)"), ("normalizer", (B, Hk, m), "(B, Hk, m)"),
+                ("key_max", (B, Hk), "(B, Hk)"))
+    for (name, shape, layout), t in zip(expected, state):
+        t = check_tensor(f"state.{name}", t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state.{name} must have shape {layout} = {shape} to continue these inputs (batch B, "
+                             f"key heads Hk, features m, value size Ev); got {tuple(t.shape)}: a state from "
+                             f"inputs of another shape")
+        if t.dtype != acc:
+            raise TypeError(f"state.{name} must have dtype {_dtype_name(acc)} (the accumulation dtype for "
+                            f"{_dtype_name(args.dtype)} inputs); got {_dtype_name(t.dtype)}")
+        check_same_device(f"state.{name}", t, "query", q)
+    return args, tuple(state)
+
+
+# ---- modules (performer.nn) ------------------------------------------------------------------------
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]; got {value}")
+    return float(value)
+
+
+def check_generator(name: str, value) -> None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None; got {type(value).__name__}")
+
+
+def validate_feature_options(num_features, kernel, feature_redraw_interval, generator) -> None:
+    check_positive_int("num_features", num_features)
+    check_choice("kernel", kernel, KERNELS)
+    if feature_redraw_interval is not None:
+        check_positive_int("feature_redraw_interval", feature_redraw_interval)
+    check_generator("generator", generator)
+
+
+def validate_attention_config(embed_dim, num_heads, dropout, kdim, vdim) -> None:
+    check_positive_int("embed_dim", embed_dim)
+    check_positive_int("num_heads", num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim must be divisible by num_heads (each head gets embed_dim // num_heads "
+                         f"channels); got embed_dim={embed_dim}, num_heads={num_heads}")
+    check_probability("dropout", dropout)
+    for name, dim in (("kdim", kdim), ("vdim", vdim)):
+        if dim is not None:
+            check_positive_int(name, dim)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Validated nn.MultiheadAttention-style inputs, batch first: query (N, L, E), key (N, S, kdim),
+    value (N, S, vdim); key_padding_mask None or bool (N, S), True = ignore that key."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    causal: bool
+    unbatched: bool
+    batch_first: bool
+
+    def to_caller_layout(self, out: torch.Tensor) -> torch.Tensor:
+        """(N, L, E) -> the layout the query came in."""
+        if self.unbatched:
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+def check_mask_dtype(name: str, mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must have dtype bool (True = ignore) or a floating dtype (-inf = ignore, "
+                        f"0 = attend); got {_dtype_name(mask.dtype)}")
+
+
+def _blocked_positions(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as given, or the -inf entries of a float one (the form nn.MultiheadAttention turns
+    a bool mask into); other float values would be additive biases, which FAVOR+ cannot apply."""
+    check_mask_dtype(name, mask)
+    if mask.dtype == torch.bool:
+        return mask
+    blocked = mask == float("-inf")
+    if not torch.compiler.is_compiling() and not bool((blocked | (mask == 0)).all()):
+        raise ValueError(f"{name} as a float mask must hold only 0 (attend) and -inf (ignore): other values are "
+                         f"additive attention biases, and FAVOR+ never forms the attention logits to add them "
+                         f"to; pass a bool mask (True = ignore)")
+    return blocked
+
+
+def _is_causal_mask(blocked: torch.Tensor) -> bool:
+    L, S = blocked.shape[-2:]
+    above_diagonal = torch.ones(L, S, dtype=torch.bool, device=blocked.device).triu(1)
+    return L == S and bool((blocked == above_diagonal).all())
+
+
+def validate_attention_inputs(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, *,
+                              embed_dim: int, kdim: int, vdim: int, num_heads: int, batch_first: bool,
+                              decoding: bool, extra_keys: bool) -> AttentionInputs:
+    """PerformerAttention.forward's arguments, with nn.MultiheadAttention's layouts and mask forms.
+    ``decoding``: a DecodingCache was given; ``extra_keys``: add_bias_kv or add_zero_attn is set."""
+    if need_weights:
+        raise ValueError("need_weights=True is not supported: FAVOR+ never forms the (L, S) attention matrix, so "
+                         "there are no attention weights to return; pass need_weights=False (the nn.Transformer "
+                         "layers already do) and compute exact attention separately where the weights are needed")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+    q = check_tensor("query", query)
+    k = check_tensor("key", key)
+    v = check_tensor("value", value)
+    batch = "(N, {}, {})" if batch_first else "({}, N, {})"
+    if q.dim() not in (2, 3):
+        raise ValueError(f"query must have shape {batch.format('L', 'embed_dim')} or (L, embed_dim) unbatched; "
+                         f"got shape {tuple(q.shape)}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dim() != q.dim():
+            raise ValueError(f"{name} must have as many dimensions as query ({q.dim()}: "
+                             f"{'unbatched' if q.dim() == 2 else 'batched'}); got shape {tuple(t.shape)}")
+    check_float_dtype("query", q)
+    check_same_dtype("key", k, "query", q)
+    check_same_dtype("value", v, "query", q)
+    for name, t, size, attr, n in (("query", q, embed_dim, "embed_dim", "L"), ("key", k, kdim, "kdim", "S"),
+                                   ("value", v, vdim, "vdim", "S")):
+        if t.shape[-1] != size:
+            layout = batch.format(n, f"{attr}={size}") if t.dim() == 3 else f"({n}, {attr}={size})"
+            raise ValueError(f"{name} must have shape {layout}; got shape {tuple(t.shape)}")
+
+    unbatched = q.dim() == 2
+    if unbatched or not batch_first:
+        # (N, L, E) views that keep `query is key is value` (PerformerAttention then projects them at once)
+        def layout(t):
+            return t.unsqueeze(0) if unbatched else t.transpose(0, 1)
+        q_new = layout(q)
+        k_new = q_new if k is q else layout(k)
+        v_new = k_new if v is k else layout(v)
+        q, k, v = q_new, k_new, v_new
+    N, L, S = q.shape[0], q.shape[1], k.shape[1]
+    if k.shape[0] != N or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"query, key and value must have the same batch size N, and key and value the same "
+                         f"length S; got shapes {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)} "
+                         f"(batch_first={batch_first})")
+
+    mask = None
+    if key_padding_mask is not None:
+        mask = check_tensor("key_padding_mask", key_padding_mask)
+        check_same_device("key_padding_mask", mask, "query", q)
+        expected = (S,) if unbatched else (N, S)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"key_padding_mask must have shape {'(S,)' if unbatched else '(N, S)'} = {expected}; "
+                             f"got {tuple(mask.shape)}")
+        mask = _blocked_positions("key_padding_mask", mask).reshape(N, S)
+
+    causal = is_causal
+    if attn_mask is not None:
+        m = check_tensor("attn_mask", attn_mask)
+        check_same_device("attn_mask", m, "query", q)
+        check_mask_dtype("attn_mask", m)
+        if m.dim() not in (2, 3) or m.shape[-2:] != (L, S) or (m.dim() == 3 and m.shape[0] != N * num_heads):
+            raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}) or (N * num_heads, L, S) = "
+                             f"({N * num_heads}, {L}, {S}); got {tuple(m.shape)}")
+        # is_causal=True with a mask is nn.MultiheadAttention's hint that the mask is the causal one.
+        if not is_causal:
+            if not _is_causal_mask(_blocked_positions("attn_mask", m)):
+                raise ValueError(
+                    "attn_mask is only supported as the causal mask (True or -inf above the diagonal): FAVOR+ "
+                    "never forms the (L, S) attention matrix, so an arbitrary mask cannot be applied; use "
+                    "is_causal=True for causal attention and key_padding_mask to ignore keys")
+            causal = True
+    if (causal or decoding) and L != S:
+        raise ValueError(f"causal attention and decoding need as many queries as keys (L == S); got L={L}, S={S}")
+    if extra_keys and (causal or decoding):
+        raise ValueError("add_bias_kv and add_zero_attn append a key that every query sees, which causal "
+                         "attention and decoding cannot express; construct the module without them")
+    return AttentionInputs(q, k, v, mask, causal, unbatched, batch_first)

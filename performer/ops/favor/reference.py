@@ -127,9 +127,13 @@ class _Normalize(torch.autograd.Function):
 
 
 def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str,
-                chunk: int = 128):
+                chunk: int = 128, initial_state=None, return_state: bool = False):
     """Linear-memory FAVOR+ in plain PyTorch with the kernels' stabilization (running key maximum,
-    per-query shifts that keep normalizers >= 1): no causal leak, finite for any finite input."""
+    per-query shifts that keep normalizers >= 1): no causal leak, finite for any finite input.
+
+    Causal only: ``initial_state`` (kv (B, Hk, m, Ev), normalizer (B, Hk, m), running key maximum
+    (B, Hk), in the accumulation dtype) continues from earlier keys, and ``return_state=True``
+    returns ``(out, final_state)``: the recurrent form used by favor_attention_step."""
     acc, out_dtype = acc_dtype(q.dtype), q.dtype
     W = features.detach().to(acc)
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
@@ -166,12 +170,16 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
         phi_q = features_q(u, _log(z.detach())[:, :, None, :])
         return finish(phi_q @ state, (phi_q @ z[..., None]).squeeze(-1)[..., None])
 
+    if initial_state is None:
+        state = q.new_zeros(B, Hk, W.shape[0], Ev)
+        z = q.new_zeros(B, Hk, W.shape[0])
+        m_prev = torch.full((B, Hk), NEG_INF, dtype=acc, device=q.device)
+    else:
+        state, z, m_prev = initial_state
+        row_max = torch.maximum(row_max, m_prev[..., None])  # earlier keys count towards the running max
     run_max = torch.cummax(row_max, dim=-1).values if S else row_max  # m_s: max over keys <= s
     if kernel != "relu":
         phi_k = _masked_exp(w, run_max[..., None], visible[..., None])
-    state = q.new_zeros(B, Hk, W.shape[0], Ev)
-    z = q.new_zeros(B, Hk, W.shape[0])
-    m_prev = torch.full((B, Hk), NEG_INF, dtype=acc, device=q.device)
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     outs = []
     for t0 in range(0, L, chunk):
@@ -199,5 +207,7 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
         z = z * keep + scaled.sum(dim=-2)
         m_prev = m_end
     if not outs:  # L == 0: an empty result that still takes part in autograd
-        return (q.new_zeros(B, H, 0, Ev) + 0 * (q.sum() + k.sum() + v.sum())).to(out_dtype)
-    return torch.cat(outs, dim=-2)
+        out = (q.new_zeros(B, H, 0, Ev) + 0 * (q.sum() + k.sum() + v.sum())).to(out_dtype)
+    else:
+        out = torch.cat(outs, dim=-2)
+    return (out, (state, z, m_prev)) if return_state else out
