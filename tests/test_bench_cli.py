@@ -1,48 +1,181 @@
-"""The benchmark CLI runs end to end on tiny inputs and writes valid results."""
+"""The benchmark CLI runs end to end on tiny inputs and writes valid JSON, markdown and PNG files;
+--compare reads its own results and the older favor-cpu-*.json; the progress bar and the
+crossover are right on small cases."""
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+import performer
+from performer.bench import __main__ as cli, report
+from performer.bench.runner import Progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--lengths", "32", "64", "--sizes", "16", "--threads", "1", "--budget", "0"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(args, tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Every suite, as the README's demo command runs them (--quick), at tiny sizes, in a fresh process."""
+    out = tmp_path_factory.mktemp("results")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "performer.bench", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "performer.bench", "--quick", *TINY, "--out", str(out)], cwd=out,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    files = os.listdir(out)
+    (result,) = [f for f in files if f.endswith(".json")]
+    return proc, out, files, json.load(open(out / result))
 
 
-def test_attention_suite_writes_json_and_table(tmp_path):
-    out = _run(["attention", "--lengths", "64", "--threads", "1", "--out", str(tmp_path)], tmp_path)
-    assert out.returncode == 0, out.stderr
-    files = sorted(os.listdir(tmp_path))
-    data = json.load(open(tmp_path / next(f for f in files if f.endswith(".json"))))
-    assert {r["mode"] for r in data["attention"]} == {"forward", "forward+backward"}
-    assert all(r[name]["median_ms"] > 0 for r in data["attention"] for name in ("sdpa", "torch", "cpp"))
-    assert "| 64 | forward |" in out.stdout
+@pytest.fixture
+def in_process(capsys):
+    """Runs the CLI in this process and restores the thread count it sets."""
+    threads = torch.get_num_threads()
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        return code, capsys.readouterr()
+    yield run
+    torch.set_num_threads(threads)
 
 
-def test_no_suite_with_quick_is_accepted(tmp_path):
-    """The README's demo command passes only --quick."""
-    out = _run(["--quick", "--lengths", "64", "--sizes", "33", "--threads", "1"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "Attention time" in out.stdout and "Accuracy" in out.stdout and "Matrix multiply" in out.stdout
+def test_json_has_machine_settings_and_every_median_and_spread(quick_run):
+    _, _, _, data = quick_run
+    assert data["schema"] == report.SCHEMA
+    assert {"cpu", "threads", "torch", "date", "cpu_isa"} <= set(data["machine"]) and data["machine"]["threads"] == 1
+    assert data["run"]["quick"] and data["run"]["device"] == "cpu"
+    assert set(data["suites"]) == {"attention", "matmul", "accuracy", "decode"}
+    timed = [r for r in data["records"] if "median_ms" in r["metrics"]]
+    assert {r["suite"] for r in timed} >= {"attention", "matmul"}
+    for r in timed:
+        m = r["metrics"]
+        assert m["median_ms"] > 0 and m["spread_ms"] >= 0 and m["repeats"] >= 3 and isinstance(m["noisy"], bool)
+    attention = [r for r in data["records"] if r["suite"] == "attention"]
+    assert {(r["impl"], r["case"]["L"], r["case"]["mode"], r["case"]["causal"]) for r in attention} == {
+        (impl, L, mode, causal) for impl in ("cpp", "sdpa", "torch") for L in (32, 64)
+        for mode in ("forward", "forward+backward") for causal in (False, True)}
+    if sys.platform == "linux":
+        assert all(r["metrics"]["peak_mb"] >= 0 for r in attention)
+    assert next(r for r in data["records"] if r["impl"] == "peak")["metrics"]["gflops"] > 0
+    assert set(data["suites"]["attention"]["crossover"]) == {
+        f"{c} {mode}, float32" for c in ("bidirectional", "causal") for mode in ("forward", "forward+backward")}
 
 
-@pytest.mark.parametrize("bad", ["nonsense", "ATTENTION"])
-def test_unknown_suite_is_an_error(tmp_path, bad):
-    out = _run([bad], tmp_path)
-    assert out.returncode == 2 and "unknown suite" in out.stderr
+def test_tables_give_ratios_to_each_baseline(quick_run):
+    proc, out, files, _ = quick_run
+    text = proc.stdout
+    assert "| 32 | no | forward |" in text and "| performer vs SDPA | performer vs plain PyTorch |" in text
+    assert "| square 16 | 16x16 @ 16x16 | float32 |" in text and "performer vs torch.matmul" in text
+    assert "performer % of peak" in text and "uniform-average error" in text
+    (md,) = [f for f in files if f.endswith(".md")]
+    assert open(out / md).read().strip() in text
 
 
-def test_matmul_suite_reports_gflops_and_peak(tmp_path):
-    out = _run(["matmul", "--sizes", "33", "--threads", "1", "--out", str(tmp_path)], tmp_path)
-    assert out.returncode == 0, out.stderr
-    data = json.load(open(tmp_path / next(f for f in os.listdir(tmp_path) if f.endswith(".json"))))
-    assert data["matmul"]["peak_gflops"] > 0
-    assert {r["dtype"] for r in data["matmul"]["rows"]} == {"float32", "bfloat16"}
-    assert all(r[name]["gflops"] > 0 for r in data["matmul"]["rows"] for name in ("torch", "cpp"))
-    assert "| square 33 | float32 |" in out.stdout
+def test_every_plot_is_a_png(quick_run):
+    _, out, files, data = quick_run
+    names = ["attention-time", "attention-memory", "matmul", "accuracy"]
+    names += [] if data["suites"]["decode"]["unavailable"] else ["decode"]
+    (result,) = [f for f in files if f.endswith(".json")]
+    expected = {f"{result[:-len('.json')]}-{name}.png" for name in names}
+    assert {f for f in files if f.endswith(".png")} == expected
+    for name in expected:
+        with open(out / name, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE, name
+        assert os.path.getsize(out / name) > 10_000, name
+
+
+def test_decode_suite(quick_run):
+    proc, _, _, data = quick_run
+    decode = [r for r in data["records"] if r["suite"] == "decode"]
+    if hasattr(performer, "favor_attention_step"):
+        assert {(r["impl"], r["case"]["prefix"]) for r in decode} == {(i, n) for i in ("step", "sdpa") for n in (32, 64)}
+        assert "### Decoding" in proc.stdout
+    else:
+        assert not decode and "decode: not run: step: performer.favor_attention_step is not" in proc.stdout
+
+
+def test_compare_against_an_earlier_run(quick_run, tmp_path, in_process):
+    _, out, files, _ = quick_run
+    (earlier,) = [out / f for f in files if f.endswith(".json")]
+    code, io_ = in_process("attention", "--lengths", "32", "--threads", "1", "--budget", "0", "--out", str(tmp_path),
+                           "--compare", str(earlier))
+    assert code == 0
+    assert "### Change against an earlier run" in io_.out and "| attention | cpp | L=32 causal=False mode=forward" in io_.out
+    assert "Geometric mean of after / before: attention cpp median_ms" in io_.out
+
+
+def test_compare_reads_the_older_schema(tmp_path, in_process):
+    row = {"L": 32, "causal": False, "mode": "forward",
+           **{impl: {"median_ms": 1.0, "spread_ms": 0.1, "repeats": 10, "noisy": False} for impl in ("sdpa", "torch", "cpp")}}
+    older = tmp_path / "favor-cpu-older.json"
+    older.write_text(json.dumps({"machine": {"cpu": "x", "threads": 1}, "attention": [row], "accuracy": [],
+                                 "shape": {"batch": 1, "heads": 8, "dim": 64, "num_features": 256}}))
+    code, io_ = in_process("attention", "--lengths", "32", "--threads", "1", "--budget", "0", "--out", str(tmp_path),
+                           "--compare", str(older))
+    assert code == 0 and "older schema: only its attention times are compared" in io_.out
+    assert io_.out.count("| attention | ") == 3  # the forward L=32 bidirectional row of each implementation
+
+
+def test_the_committed_older_results_convert():
+    path = os.path.join(REPO, "bench", "results", "favor-cpu-20261122-170249.json")
+    if not os.path.exists(path):
+        pytest.skip("no older results in bench/results")
+    records = report.load_results(path)["records"]
+    assert len(records) == 72 and {r["impl"] for r in records} == {"cpp", "sdpa", "torch"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nonsense"], "unknown suite 'nonsense'"),
+    (["ATTENTION"], "unknown suite 'ATTENTION'"),
+    (["--lengths", "0"], "--lengths must be positive integers"),
+    (["--compare", "/nonexistent/result.json"], "--compare: cannot read /nonexistent/result.json"),
+])
+def test_bad_arguments_are_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compare_rejects_other_json(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"schema": "something else"}')
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--compare", str(other)])
+    assert "is not a result of this benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_tenths_to_a_log():
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = Progress(40, stream)
+        for i in range(40):
+            bar.show(f"case {i}")
+            bar.advance()
+        bar.close()
+    assert terminal.getvalue().count("\r") == 41 and "40/40" in terminal.getvalue().splitlines()[-1]
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in log.getvalue() and lines[0].startswith("[" + "." * 24 + "] 0/40")
+
+
+def test_crossover_is_interpolated_on_log_axes():
+    # ratio favor/sdpa = 2 at L = 512 and 1/2 at L = 2048: crosses 1 half way on a log axis, at 1024
+    assert report.crossover([(512, 2.0, 1.0), (2048, 1.0, 2.0)])["L"] == 1024
+    assert report.crossover([(512, 1.0, 2.0), (1024, 1.0, 3.0)]) == {"L": None, "note": "faster than SDPA from L = 512"}
+    assert report.crossover([(512, 2.0, 1.0), (1024, 3.0, 1.0)])["note"] == "slower than SDPA up to L = 1024"

@@ -1,0 +1,207 @@
+"""Turns the registry's suites into cases: one measurement each, with its inputs made on demand.
+
+A timed case's `setup()` allocates the inputs and returns the call to time; a computed case
+(accuracy, the FMA peak) has `evaluate()` instead, which returns its metrics.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import performer
+from performer.bench import registry
+from performer.bench.registry import Impl
+
+
+@dataclass
+class Case:
+    suite: str
+    impl: str
+    params: dict                          # what distinguishes it in its suite; the key in the JSON
+    setup: Optional[Callable[[], Callable[[], object]]] = None
+    evaluate: Optional[Callable[[], dict]] = None
+    flops: Optional[float] = None         # per call, for GFLOP/s
+
+    def describe(self) -> str:
+        return f"{self.suite} {self.impl} " + " ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+@dataclass
+class Plan:
+    """A suite's cases, what it ran with, and the implementations it had to leave out and why."""
+    suite: str
+    settings: dict
+    cases: list[Case] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)   # impl -> reason
+    unavailable: Optional[str] = None                        # why the whole suite cannot run
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _randn(shape, generator, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def attention_inputs(spec: registry.AttentionSuite, L: int, dtype: torch.dtype, device: str = "cpu",
+                     requires_grad: bool = False, seed: int = 0):
+    """q, k, v of shape (B, H, L, E) and the (m, E) features, the same for every implementation."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (_randn((spec.batch, spec.heads, L, spec.dim), g, dtype, device).requires_grad_(requires_grad)
+               for _ in range(3))
+    return q, k, v, performer.orthogonal_features(spec.num_features, spec.dim, generator=g).to(device)
+
+
+def attention_call(impl: Impl, q, k, v, causal: bool, features, mode: str) -> Callable[[], object]:
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return impl.fn(q, k, v, causal, features)
+        return run
+    grad_out = torch.ones_like(v)
+
+    def run_with_backward():
+        return torch.autograd.grad(impl.fn(q, k, v, causal, features), (q, k, v), grad_out)
+    return run_with_backward
+
+
+def matmul_inputs(shape: registry.MatmulShape, dtype: torch.dtype, device: str = "cpu"):
+    g = torch.Generator().manual_seed(0)
+    a = (_randn((shape.batch, shape.K, shape.M), g, dtype, device).transpose(1, 2) if shape.a_transposed else
+         _randn((shape.batch, shape.M, shape.K), g, dtype, device))
+    return a, _randn((shape.batch, shape.K, shape.N), g, dtype, device)
+
+
+def decode_inputs(spec: registry.DecodeSuite, prefix: int, dtype: torch.dtype, device: str = "cpu"):
+    """The prefix's keys and values, one new token's q, k, v, and the features."""
+    g = torch.Generator().manual_seed(0)
+    shape = (spec.batch, spec.heads, prefix, spec.dim)
+    prefix_k, prefix_v = _randn(shape, g, dtype, device), _randn(shape, g, dtype, device)
+    q, k, v = (_randn((spec.batch, spec.heads, 1, spec.dim), g, dtype, device) for _ in range(3))
+    return prefix_k, prefix_v, (q, k, v), performer.orthogonal_features(spec.num_features, spec.dim, generator=g).to(device)
+
+
+def decode_call(impl: Impl, prefix_k, prefix_v, token, features) -> Callable[[], object]:
+    step = impl.fn(prefix_k, prefix_v, features)
+    return lambda: step(*token)
+
+
+def _shape(spec) -> dict:
+    return {"batch": spec.batch, "heads": spec.heads, "dim": spec.dim, "num_features": spec.num_features}
+
+
+def _attention_case(spec, impl, L, causal, mode, dtype, device) -> Optional[Case]:
+    if impl.max_size is not None and L > impl.max_size:
+        return None
+
+    def setup():
+        q, k, v, w = attention_inputs(spec, L, DTYPES[dtype], device, requires_grad=mode != "forward")
+        return attention_call(impl, q, k, v, causal, w, mode)
+    return Case("attention", impl.name, {"L": L, "causal": causal, "mode": mode, "dtype": dtype}, setup)
+
+
+def _matmul_case(impl, shape, dtype, device) -> Case:
+    def setup():
+        a, b = matmul_inputs(shape, DTYPES[dtype], device)
+        return lambda: impl.fn(a, b)
+    params = {"shape": shape.name, "batch": shape.batch, "M": shape.M, "K": shape.K, "N": shape.N, "dtype": dtype}
+    return Case("matmul", impl.name, params, setup, flops=shape.flops)
+
+
+def _decode_case(spec, impl, prefix, dtype, device) -> Case:
+    def setup():
+        prefix_k, prefix_v, token, w = decode_inputs(spec, prefix, DTYPES[dtype], device)
+        return decode_call(impl, prefix_k, prefix_v, token, w)
+    return Case("decode", impl.name, {"prefix": prefix, "dtype": dtype}, setup)
+
+
+def _unavailable(probe: Case) -> Optional[str]:
+    """Why an implementation cannot run here, found by running a tiny case; None when it can."""
+    try:
+        probe.setup()()
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def _plan(suite: str, settings: dict, impls, make_case, grid: list[dict], tiny: dict, device: str) -> Plan:
+    """make_case(impl, **point) for every point of the grid and every impl meant for the device that
+    runs here (tried on make_case(impl, **tiny) first); make_case returns None where the impl does
+    not run."""
+    plan = Plan(suite, settings)
+    runnable = []
+    for impl in registry.on_device(impls, device):
+        reason = _unavailable(make_case(impl, **tiny))
+        if reason is None:
+            runnable.append(impl)
+        else:
+            plan.skipped[impl.name] = reason
+    if all(impl.baseline for impl in runnable):
+        plan.unavailable = "; ".join(f"{name}: {why}" for name, why in plan.skipped.items())
+        return plan
+    plan.cases = [case for point in grid for impl in runnable if (case := make_case(impl, **point)) is not None]
+    return plan
+
+
+def plan_attention(spec: registry.AttentionSuite, lengths, dtypes, device: str) -> Plan:
+    def make(impl, **point):
+        return _attention_case(spec, impl, device=device, **point)
+    grid = [dict(L=L, causal=c, mode=mode, dtype=dt)
+            for dt in dtypes for c in spec.causal for mode in spec.modes for L in lengths]
+    return _plan("attention", _shape(spec), spec.impls, make, grid, dict(grid[0], L=16), device)
+
+
+def plan_matmul(spec: registry.MatmulSuite, square, dtypes, device: str, with_favor_shapes: bool) -> Plan:
+    shapes = [registry.MatmulShape(f"square {n}", 1, n, n, n) for n in square]
+    shapes += list(spec.favor_shapes) if with_favor_shapes else []
+
+    def make(impl, **point):
+        return _matmul_case(impl, device=device, **point)
+    grid = [dict(shape=s, dtype=dt) for dt in dtypes for s in shapes]
+    tiny = dict(grid[0], shape=registry.MatmulShape("tiny", 1, 8, 8, 8))
+    plan = _plan("matmul", {"threads": torch.get_num_threads()}, spec.impls, make, grid, tiny, device)
+    if device == "cpu" and not plan.unavailable:
+        threads = plan.settings["threads"]
+        tries, seconds = spec.peak_tries  # the best, as a peak is; the first try may find the cores cold
+        plan.cases.insert(0, Case("matmul", "peak", {"dtype": "float32", "threads": threads}, evaluate=lambda: {
+            "gflops": max(torch.ops.performer.cpu_fma_peak_gflops(threads, seconds) for _ in range(tries))}))
+    return plan
+
+
+def plan_decode(spec: registry.DecodeSuite, prefixes, dtypes, device: str) -> Plan:
+    def make(impl, **point):
+        return _decode_case(spec, impl, device=device, **point)
+    grid = [dict(prefix=n, dtype=dt) for dt in dtypes for n in prefixes]
+    return _plan("decode", _shape(spec), spec.impls, make, grid, dict(grid[0], prefix=4), device)
+
+
+def accuracy_errors(spec: registry.AccuracySuite, temperature: float, m: int) -> dict:
+    """Relative error ||FAVOR+ - exact|| / ||exact|| over independent feature draws, and that of
+    the uniform average of the values (the error of ignoring the queries altogether)."""
+    dtype = DTYPES[spec.dtype]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, spec.heads, spec.length, spec.dim, generator=g, dtype=dtype) for _ in range(3))
+    q, k = q * temperature, k * temperature
+    exact = F.scaled_dot_product_attention(q, k, v)
+    norm = exact.norm()
+    errors = []
+    for draw in range(spec.draws):
+        w = performer.orthogonal_features(m, spec.dim, generator=torch.Generator().manual_seed(100 + draw), dtype=dtype)
+        errors.append(((performer.favor_attention(q, k, v, features=w) - exact).norm() / norm).item())
+    uniform = (v.mean(dim=-2, keepdim=True).expand_as(exact) - exact).norm() / norm
+    return {"rel_error": statistics.median(errors), "rel_error_spread": max(errors) - min(errors),
+            "draws": spec.draws, "uniform_rel_error": uniform.item()}
+
+
+def plan_accuracy(spec: registry.AccuracySuite, num_features) -> Plan:
+    plan = Plan("accuracy", {"L": spec.length, "heads": spec.heads, "dim": spec.dim, "dtype": spec.dtype,
+                             "draws": spec.draws, "device": "cpu"})
+    for t in spec.temperatures:
+        for m in num_features:
+            plan.cases.append(Case("accuracy", "favor", {"temperature": t, "num_features": m},
+                                   evaluate=lambda t=t, m=m: accuracy_errors(spec, t, m)))
+    return plan

@@ -1,0 +1,190 @@
+"""The benchmarks as data: for each suite, its shapes, sizes, dtypes and the implementations it
+compares. cases.py turns an entry into measurements, runner.py runs them, and the
+pytest-benchmark files in bench/ read the same entries.
+
+An implementation is either measured (the subject: what this package provides) or a baseline;
+the tables give every subject's speed-up over every baseline measured in the same run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import performer
+
+
+@dataclass(frozen=True)
+class Sizes:
+    full: tuple[int, ...]
+    quick: tuple[int, ...]
+
+    def pick(self, quick: bool) -> tuple[int, ...]:
+        return self.quick if quick else self.full
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str                            # key in the JSON
+    short: str                           # in table headers
+    label: str                           # in legends
+    fn: Callable
+    baseline: bool = False
+    max_size: Optional[int] = None       # longest sequence it is run at
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Repeats per measurement: until `seconds` have passed and at least 3 were taken, at most `max_repeats`."""
+    seconds: float
+    max_repeats: int
+
+
+FULL_BUDGET = Budget(seconds=1.0, max_repeats=30)
+QUICK_BUDGET = Budget(seconds=0.15, max_repeats=10)
+
+
+def _favor(backend: str) -> Callable:
+    def run(q, k, v, causal, features):
+        return performer.favor_attention(q, k, v, is_causal=causal, features=features, backend=backend)
+    return run
+
+
+def _sdpa(q, k, v, causal, features):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@dataclass(frozen=True)
+class AttentionSuite:
+    batch: int
+    heads: int
+    dim: int
+    num_features: int
+    lengths: Sizes
+    dtypes: tuple[str, ...]
+    impls: tuple[Impl, ...]          # fn(q, k, v, causal, features) -> output
+    modes: tuple[str, ...] = ("forward", "forward+backward")
+    causal: tuple[bool, ...] = (False, True)
+
+
+# The shape the performance targets are stated for: B=1, H=8, E=Ev=64, m=256. Exact attention and
+# the plain-PyTorch FAVOR+ stop at L = 16384, where one forward+backward already takes them 13 s
+# and 18 s on 2 cores; the C++ kernels go on to 65536.
+ATTENTION = AttentionSuite(
+    batch=1, heads=8, dim=64, num_features=256,
+    lengths=Sizes(full=(512, 1024, 2048, 4096, 8192, 16384, 32768, 65536), quick=(512, 1024, 2048, 4096)),
+    dtypes=("float32",),
+    impls=(Impl("cpp", "performer", "FAVOR+ performer (C++)", _favor("cpp")),
+           Impl("sdpa", "SDPA", "torch SDPA (exact)", _sdpa, baseline=True, max_size=16384),
+           Impl("torch", "plain PyTorch", "FAVOR+ plain PyTorch", _favor("torch"), baseline=True, max_size=16384)))
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    name: str
+    batch: int
+    M: int
+    K: int
+    N: int
+    a_transposed: bool = False       # a is read as a transposed view, as FAVOR+ reads phi(K)^T
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.M * self.K * self.N
+
+
+@dataclass(frozen=True)
+class MatmulSuite:
+    square: Sizes
+    favor_shapes: tuple[MatmulShape, ...]
+    dtypes: tuple[str, ...]
+    impls: tuple[Impl, ...]          # fn(a, b) -> a @ b
+    peak_tries: tuple[int, float]    # the FMA peak: the best of this many measurements of this many seconds
+
+
+def _blocked(backend: str) -> Callable:
+    return lambda a, b: performer.blocked_matmul(a, b, backend=backend)
+
+
+# The FAVOR+ products of B=1, H=8, L=8192, E=64, m=256: the feature projection (8 heads x 8192
+# rows) x W^T, the key state phi(K)^T V per head, and the output phi(Q) S.
+MATMUL = MatmulSuite(
+    square=Sizes(full=(256, 512, 1024, 2048, 4096), quick=(256, 512, 1024)),
+    favor_shapes=(MatmulShape("favor projection", 1, 8 * 8192, 64, 256),
+                  MatmulShape("favor state", 8, 256, 8192, 64, a_transposed=True),
+                  MatmulShape("favor output", 1, 8192, 256, 64)),
+    dtypes=("float32", "bfloat16"),
+    impls=(Impl("cpp", "performer", "performer.blocked_matmul (C++)", _blocked("cpp")),
+           Impl("triton", "Triton", "performer.blocked_matmul (Triton)", _blocked("triton"), devices=("cuda",)),
+           Impl("torch", "torch.matmul", "torch.matmul", torch.matmul, baseline=True)),
+    peak_tries=(5, 0.1))
+
+
+@dataclass(frozen=True)
+class AccuracySuite:
+    length: int
+    heads: int
+    dim: int
+    temperatures: tuple[float, ...]  # q and k are temperature * N(0, 1)
+    num_features: Sizes
+    draws: int                       # independent feature draws per point
+    dtype: str
+
+
+# A property of the approximation, not of a device: computed on the CPU in float64.
+ACCURACY = AccuracySuite(length=1024, heads=4, dim=64, temperatures=(0.25, 0.5),
+                         num_features=Sizes(full=(16, 64, 256, 1024, 4096), quick=(64, 256, 1024)),
+                         draws=3, dtype="float64")
+
+
+@dataclass(frozen=True)
+class DecodeSuite:
+    batch: int
+    heads: int
+    dim: int
+    num_features: int
+    prefixes: Sizes
+    dtypes: tuple[str, ...]
+    impls: tuple[Impl, ...]          # fn(prefix_k, prefix_v, features) -> step(q, k, v) for one token
+
+
+def _favor_step(prefix_k, prefix_v, features):
+    step = getattr(performer, "favor_attention_step", None)
+    if step is None:
+        raise NotImplementedError("performer.favor_attention_step is not in this version of performer")
+    _, state = step(prefix_k, prefix_k, prefix_v, None, features=features)  # the prefix's state
+    return lambda q, k, v: step(q, k, v, state, features=features)
+
+
+def _sdpa_kv_cache(prefix_k, prefix_v, features):
+    """Exact attention with a preallocated key/value cache: write the new token, attend to all."""
+    n = prefix_k.shape[-2]
+    cache_k = torch.cat([prefix_k, prefix_k[..., :1, :]], dim=-2)
+    cache_v = torch.cat([prefix_v, prefix_v[..., :1, :]], dim=-2)
+
+    def step(q, k, v):
+        cache_k[..., n:, :] = k
+        cache_v[..., n:, :] = v
+        return F.scaled_dot_product_attention(q, cache_k, cache_v)
+    return step
+
+
+DECODE = DecodeSuite(
+    batch=1, heads=8, dim=64, num_features=256,
+    prefixes=Sizes(full=(256, 1024, 4096, 16384, 65536), quick=(256, 1024, 4096, 16384)),
+    dtypes=("float32",),
+    impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step", _favor_step),
+           Impl("sdpa", "SDPA", "torch SDPA with a KV cache (exact)", _sdpa_kv_cache, baseline=True)))
+
+SUITES = {"attention": ATTENTION, "matmul": MATMUL, "accuracy": ACCURACY, "decode": DECODE}
+
+
+def on_device(impls: tuple[Impl, ...], device: str) -> list[Impl]:
+    return [impl for impl in impls if device in impl.devices]
+
+
+def impls(suite: str) -> dict[str, Impl]:
+    return {impl.name: impl for impl in getattr(SUITES[suite], "impls", ())}
