@@ -152,7 +152,8 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
     else:
         w = w - 0.5 * (kc * kc).sum(dim=-1, keepdim=True)
         row_max = torch.where(visible, w.detach().amax(dim=-1) if w.shape[-1] else 0.0, NEG_INF)
-    heads = (lambda x: x.repeat_interleave(groups, dim=1))  # kv head -> its query heads
+    # kv head -> its query heads (no copy without grouped-query heads)
+    heads = (lambda x: x.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda x: x)
 
     def features_q(uq, lam):
         if kernel == "relu":
