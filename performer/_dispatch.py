@@ -1,7 +1,8 @@
 """The one dispatch point: each backend declares what it supports; the first that fits runs.
 
 A backend is chosen per call from the op's registry, in registration order, skipping those
-marked ``default=False`` unless asked for by name. When none fits, the error lists every
+marked ``default=False`` unless asked for by name (or, with ``default=("cuda", ...)``, unless the
+inputs are on one of those devices: a fallback only where nothing compiled runs). When none fits, the error lists every
 backend with the reason it declined. Forcing a backend applies the same checks.
 """
 from __future__ import annotations
@@ -21,7 +22,11 @@ class Backend:
     run: Callable                        # run(args) -> Tensor
     available: Callable[[], Optional[str]] = lambda: None   # reason it cannot run at all, or None
     check: Callable[[object], Optional[str]] = lambda args: None  # reason it declines these args
-    default: bool = True                 # considered when the caller names no backend
+    default: object = True               # considered when the caller names no backend: True, False, or
+                                         # the device types on which it is (e.g. ("cuda",))
+
+    def is_default_for(self, device_type: str) -> bool:
+        return self.default is True or (isinstance(self.default, tuple) and device_type in self.default)
 
     def decline_reason(self, args) -> Optional[str]:
         reason = self.available()
@@ -56,8 +61,9 @@ def select(op: str, args, backend: Optional[str] = None) -> Backend:
         return chosen
     reasons = []
     for b in candidates:
-        if not b.default:
-            reasons.append(f"{b.name}: only when asked for with backend={b.name!r}")
+        if not b.is_default_for(args.device.type):
+            where = f" (by default on {'/'.join(b.default)})" if isinstance(b.default, tuple) else ""
+            reasons.append(f"{b.name}: only when asked for with backend={b.name!r}{where}")
             continue
         reason = b.decline_reason(args)
         if reason is None:

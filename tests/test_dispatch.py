@@ -50,7 +50,17 @@ def test_no_backend_fits_lists_every_backend():
     message = str(info.value)
     assert "(meta, float32)" in message
     assert "cpp: runs on cpu, not meta" in message
-    assert "torch: only when asked for with backend='torch'" in message
+    assert "torch: only when asked for with backend='torch' (by default on cuda/mps/xpu)" in message
+
+
+def test_torch_backend_is_the_default_on_gpus():
+    """No compiled FAVOR+ kernels for GPUs yet: the plain-PyTorch backend serves them by default,
+    never the CPU (where a missing extension must not fall back silently)."""
+    class GpuArgs:
+        device, dtype = torch.device("cuda"), torch.float32
+    assert _dispatch.select(OP, GpuArgs()).name == "torch"
+    torch_backend = next(b for b in _dispatch.backends(OP) if b.name == "torch")
+    assert not torch_backend.is_default_for("cpu")
 
 
 def test_favor_attention_on_meta_reports_backends():
@@ -77,6 +87,7 @@ def test_every_decline_reason_is_reported(monkeypatch):
         backend("f64_only", dtypes=(torch.float64,)),
         backend("picky", check=lambda a: "head dim 4 is too small"),
         backend("opt_in", default=False),
+        backend("gpu_default", default=("cuda",)),
     ])
     with pytest.raises(ValueError) as info:
         _dispatch.select("fake_op", _args())
@@ -86,6 +97,7 @@ def test_every_decline_reason_is_reported(monkeypatch):
         "  f64_only: does not support dtype float32",
         "  picky: head dim 4 is too small",
         "  opt_in: only when asked for with backend='opt_in'",
+        "  gpu_default: only when asked for with backend='gpu_default' (by default on cuda)",
     ]
     assert _dispatch.select("fake_op", _args(), "opt_in").name == "opt_in"
     with pytest.raises(ValueError, match=re.escape("backend='picky' cannot run fake_op here: head dim 4 is too small")):

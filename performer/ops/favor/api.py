@@ -16,7 +16,7 @@ OP = "favor_attention"
 _dispatch.register(OP, _dispatch.Backend(
     name="cpp", devices=("cpu",), dtypes=FLOAT_DTYPES, run=favor_cpp, available=unavailable_reason))
 _dispatch.register(OP, _dispatch.Backend(
-    name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=False,
+    name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=("cuda", "mps", "xpu"),
     run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel)))
 
 
@@ -42,8 +42,9 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             it were removed. A query with no visible key returns zeros.
         kernel: "softmax" (positive random features, approximates softmax attention) or "relu"
             (generalized attention with features relu(W x) + 1e-3).
-        backend: None picks the first backend that supports the inputs ("cpp" on the CPU);
-            "cpp" or "torch" (plain PyTorch, any device) forces one.
+        backend: None picks the first backend that supports the inputs ("cpp" on the CPU, "torch"
+            on GPUs until compiled GPU kernels exist); "cpp" or "torch" (plain PyTorch, any
+            device) forces one.
 
     Returns:
         (..., L, Ev) in the query's dtype. Internally float32 accumulation (float64 for float64).
