@@ -215,12 +215,11 @@ def validate_matmul(a, b) -> MatmulArgs:
         expected = f"({K},)" if b.dim() == 1 else f"(..., {K}, N)"
         raise ValueError(f"b must have as many rows as a has columns (a: (..., M, K={K})): shape {expected}; "
                          f"got a of shape {tuple(a.shape)} and b of shape {tuple(b.shape)}")
-    try:
-        batch = tuple(torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]))
-    except RuntimeError:
+    batch = _broadcast_shapes(tuple(a2.shape[:-2]), tuple(b2.shape[:-2]))
+    if batch is None:
         raise ValueError(f"a and b must have broadcastable batch dimensions (all but the last two); got "
                          f"{tuple(a.shape[:-2])} for a of shape {tuple(a.shape)} and {tuple(b.shape[:-2])} "
-                         f"for b of shape {tuple(b.shape)}") from None
+                         f"for b of shape {tuple(b.shape)}")
 
     out_shape = batch + ((M,) if a.dim() > 1 else ()) + ((N,) if b.dim() > 1 else ())
     if b2.dim() == 2 and a2.dim() > 2:
@@ -230,9 +229,28 @@ def validate_matmul(a, b) -> MatmulArgs:
         except RuntimeError:
             pass
     count = math.prod(batch)
-    a3 = a2.expand(batch + (M, K)).reshape(count, M, K)
-    b3 = b2.expand(batch + (K, N)).reshape(count, K, N)
-    return MatmulArgs(a3, b3, out_shape)
+
+    def canonical(t, rows, cols):  # (*batch, rows, cols) as (count, rows, cols), a view where possible
+        if t.dim() == 3 and t.shape[0] == count and len(batch) == 1:
+            return t
+        if t.dim() == 2 and not batch:
+            return t.unsqueeze(0)
+        return t.expand(batch + (rows, cols)).reshape(count, rows, cols)
+
+    return MatmulArgs(canonical(a2, M, K), canonical(b2, K, N), out_shape)
+
+
+def _broadcast_shapes(x: tuple, y: tuple) -> Optional[tuple]:
+    """torch's broadcasting of two batch shapes (None when they do not broadcast), without the
+    cost of torch.broadcast_shapes on every call."""
+    out = []
+    for i in range(1, max(len(x), len(y)) + 1):
+        dx = x[-i] if i <= len(x) else 1
+        dy = y[-i] if i <= len(y) else 1
+        if dx != dy and dx != 1 and dy != 1:
+            return None
+        out.append(dx if dy == 1 else dy)
+    return tuple(reversed(out))
 
 
 # ---- incremental decoding (favor_attention_step) -------------------------------------------------
