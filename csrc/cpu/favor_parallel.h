@@ -29,6 +29,17 @@ struct Segments {
   int64_t end(int64_t j) const { return imin((j + 1) * step, len); }
 };
 
+// Partial slot u = the key state [S, z] of positions begin..end alone, with its own reference maximum.
+template <typename T>
+static void store_segment_keys(Favor<T>& f, Partials<T>& part, int64_t u, int64_t b, int64_t hk, int64_t begin,
+                               int64_t end) {
+  T M = T(kNegInf);
+  f.zero(f.S, part.size);
+  f.accumulate_keys(b, hk, begin, end, M);
+  Favor<T>::copy(part.state(u), f.S, part.size);
+  part.maxima.p[u] = M;
+}
+
 // Replaces each of the segs partial states from part.state(first) on by the combination of the
 // ones before it (the first gets zeros and -inf): the state each segment starts from.
 template <typename T>
@@ -60,12 +71,8 @@ static void forward_split(const FavorParams& p, int64_t segs) {
     Favor<T> f(p);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < items * segs; ++u) {
-      const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
-      T M = T(kNegInf);
-      f.zero(f.S, state_size);
-      f.accumulate_keys(b, hk, keys.begin(j), keys.end(j), M);
-      Favor<T>::copy(part.state(u), f.S, state_size);
-      part.maxima.p[u] = M;
+      const int64_t it = u / segs, j = u % segs;
+      store_segment_keys(f, part, u, it / p.Hk, it % p.Hk, keys.begin(j), keys.end(j));
     }
 #pragma omp for
     for (int64_t it = 0; it < items; ++it) {  // exclusive prefix (causal) or total (bidirectional)
@@ -149,11 +156,7 @@ static void backward_causal_split(const FavorParams& p, int64_t segs) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < items * segs; ++u) {
       const int64_t it = u / segs, j = u % segs, b = it / p.Hk, hk = it % p.Hk;
-      T M = T(kNegInf);
-      f.zero(f.S, state_size);
-      f.accumulate_keys(b, hk, seq.begin(j), seq.end(j), M);
-      Favor<T>::copy(keys.state(u), f.S, state_size);
-      keys.maxima.p[u] = M;
+      store_segment_keys(f, keys, u, b, hk, seq.begin(j), seq.end(j));
       f.zero(f.dS, state_size);
       f.causal_query_part(b, hk, seq.begin(j), seq.end(j));
       Favor<T>::copy(queries.state(u), f.dS, state_size);
