@@ -9,13 +9,15 @@ from ..._C_loader import unavailable_reason
 OP_NAME = "performer::blocked_matmul"
 
 
+# Decided once, when the extension loads: a constant that torch.compile reads without tracing.
+_CUDA_REASON = unavailable_reason() or (
+    None if torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
+    else "the extension was built without CUDA kernels")
+
+
 def cuda_reason():
     """Why the compiled op cannot run on CUDA tensors, or None."""
-    if unavailable_reason() is not None:
-        return unavailable_reason()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA"):
-        return "the extension was built without CUDA kernels"
-    return None
+    return _CUDA_REASON
 
 
 if unavailable_reason() is None:

@@ -32,48 +32,12 @@ variants share the schema ``(Tensor a, Tensor b) -> Tensor`` and the autograd fo
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Optional
 
 import torch
 
-# torch.library.triton_op / wrap_triton: PyTorch 2.6+ (the interpreter path needs neither).
-wrap_triton = getattr(torch.library, "wrap_triton", None)
+from ..._triton import DEVICES, INTERPRET, REGISTERED as _REGISTERED, tl, triton, unavailable_reason, wrap_triton
 
 OP_NAME = "performer::triton_matmul"
-
-# torch built with CUDA or ROCm (a fork-safe check: no device query at import).
-_GPU_BUILD = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
-# Triton's own reading of TRITON_INTERPRET accepts these (case-insensitive).
-_INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-triton = tl = None
-_IMPORT_ERROR: Optional[str] = None
-if _GPU_BUILD or _INTERPRET_ENV:
-    try:
-        import triton
-        import triton.language as tl
-    except Exception as exc:  # ImportError, or an installed triton that fails to initialise
-        triton = tl = None
-        _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
-
-
-def _interpret_knob() -> bool:
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # a triton without knobs
-        return _INTERPRET_ENV
-
-
-# Fixed at import, as Triton fixes it when the kernel below is defined.
-INTERPRET: bool = triton is not None and _interpret_knob()
-_TORCH_TOO_OLD = not INTERPRET and not hasattr(torch.library, "triton_op")
-# Whether the kernel and the op are defined in this process.
-_REGISTERED: bool = triton is not None and (INTERPRET or _GPU_BUILD) and not _TORCH_TOO_OLD
-
-# The interpreter works on host copies of any tensor; compiled kernels need CUDA (ROCm builds of
-# torch also report their GPUs as "cuda").
-DEVICES: tuple = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 # bfloat16 arithmetic is not emulated correctly by the interpreter, so it is offered only compiled.
 SUPPORTED_DTYPES: tuple = ((torch.float16, torch.float32, torch.float64) if INTERPRET
@@ -84,23 +48,6 @@ SUPPORTED_DTYPES: tuple = ((torch.float16, torch.float32, torch.float64) if INTE
 _INDEX32_LIMIT = 2 ** 31 - 1
 # Largest tile edge of any config: offsets of masked-off rows/columns past the edge are formed too.
 _MAX_BLOCK = 256
-
-_INTERPRETER_HINT = "set TRITON_INTERPRET=1 before performer is imported to run it in the Triton interpreter"
-
-
-def unavailable_reason() -> Optional[str]:
-    """None if the kernel can run here, else why not."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if _TORCH_TOO_OLD:
-        return f"PyTorch {torch.__version__} has no torch.library.triton_op (needs 2.6 or later)"
-    if not INTERPRET:
-        if not _GPU_BUILD:
-            return f"PyTorch is built without CUDA ({_INTERPRETER_HINT})"
-        if not torch.cuda.is_available():
-            return f"no CUDA device ({_INTERPRETER_HINT})"
-    return None
-
 
 if _REGISTERED:
 
@@ -169,7 +116,10 @@ if _REGISTERED:
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)   # [BLOCK_K, BLOCK_N]
             # "ieee": exact float32 products for float32 inputs (no TF32); no effect on 16-bit
             # inputs (tensor cores, exact products) or float64.
-            acc = tl.dot(a, b, acc, input_precision="ieee")                  # [BLOCK_M, BLOCK_N]
+            if ACC_FP64:
+                acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")              # [BLOCK_M, BLOCK_N]
 
         c = acc.to(c_ptr.dtype.element_ty)                                   # [BLOCK_M, BLOCK_N]
         tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c,
