@@ -199,3 +199,22 @@ def assert_close(got: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.T
     err = (got.detach().double() - ref64.detach().double()).abs().max().item() if got.numel() else 0.0
     bound = error_bound(ref64, ref_same_dtype, got.dtype, multiple)
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} ({dtype_id(got.dtype)})"
+
+
+# ---- Triton under the interpreter ----------------------------------------------------------------
+
+TRITON_CHILD_ENV = "PERFORMER_TRITON_TEST_CHILD"
+
+
+def run_in_triton_interpreter(test_file: str) -> None:
+    """Reruns ``test_file`` in a fresh process with TRITON_INTERPRET=1 (which must be set before
+    performer is imported) and requires every test there to pass, none skipped."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", TRITON_CHILD_ENV: "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(test_file), "-q", "-p", "no:cacheprovider"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{run.stdout[-8000:]}\n{run.stderr[-4000:]}"
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-4000:]

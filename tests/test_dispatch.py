@@ -20,7 +20,7 @@ def _args(device="cpu", dtype=torch.float32, **kwargs):
 
 
 def test_registered_backends_in_order():
-    assert [b.name for b in _dispatch.backends(OP)] == ["cpp", "torch"]
+    assert [b.name for b in _dispatch.backends(OP)] == ["cpp", "triton", "torch"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -50,12 +50,13 @@ def test_no_backend_fits_lists_every_backend():
     message = str(info.value)
     assert "(meta, float32)" in message
     assert "cpp: runs on cpu, not meta" in message
+    assert "triton: only when asked for with backend='triton'" in message
     assert "torch: only when asked for with backend='torch' (by default on cuda/mps/xpu)" in message
 
 
 def test_torch_backend_is_the_default_on_gpus():
-    """No compiled FAVOR+ kernels for GPUs yet: the plain-PyTorch backend serves them by default,
-    never the CPU (where a missing extension must not fall back silently)."""
+    """The Triton kernels are opt-in: the plain-PyTorch backend serves GPUs by default, never the
+    CPU (where a missing extension must not fall back silently)."""
     class GpuArgs:
         device, dtype = torch.device("cuda"), torch.float32
     assert _dispatch.select(OP, GpuArgs()).name == "torch"

@@ -9,8 +9,6 @@ the interpreter uses 16x16x16 tiles so that they still span several tiles, parti
 and partial GROUP_M groups.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,12 +17,11 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from performer.ops.matmul import triton as mt  # noqa: E402
 
-from conftest import assert_close, dtype_id  # noqa: E402
+from conftest import TRITON_CHILD_ENV, assert_close, dtype_id, run_in_triton_interpreter  # noqa: E402
 
-_CHILD = "PERFORMER_TRITON_TEST_CHILD"
 # This process cannot run the kernel, but the interpreter in a fresh one can.
 RUN_IN_CHILD = (mt.unavailable_reason() is not None and not mt.INTERPRET and not torch.cuda.is_available()
-                and not os.environ.get(_CHILD))
+                and not os.environ.get(TRITON_CHILD_ENV))
 if mt.unavailable_reason() is not None and not RUN_IN_CHILD:
     pytest.skip(f"triton matmul cannot run here: {mt.unavailable_reason()}", allow_module_level=True)
 
@@ -33,13 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 
 def test_in_triton_interpreter_subprocess():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{run.stdout[-8000:]}\n{run.stderr[-4000:]}"
-    summary = run.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, run.stdout[-4000:]
+    run_in_triton_interpreter(__file__)
 
 
 DEVICE = "cpu" if mt.INTERPRET else "cuda"

@@ -72,7 +72,7 @@ BAD_ARGUMENTS = [
     ("scale_str", dict(scale="0.5"), TypeError, ["scale must be a float or None", "got str"]),
     ("is_causal_int", dict(is_causal=1), TypeError, ["is_causal must be a bool", "got int"]),
     ("kernel", dict(kernel="gelu"), ValueError, ["kernel must be one of 'softmax', 'relu'", "got 'gelu'"]),
-    ("backend", dict(backend="cuda"), ValueError, ["backend must be one of 'cpp', 'torch'", "got 'cuda'"]),
+    ("backend", dict(backend="cuda"), ValueError, ["backend must be one of 'cpp', 'triton', 'torch'", "got 'cuda'"]),
     ("query_list", dict(query=[[1.0] * E] * L), TypeError, ["query must be a torch.Tensor", "got list"]),
     ("key_numpy", dict(key=np.zeros((B, HK, L, E), dtype=np.float32)), TypeError,
      ["key must be a torch.Tensor", "got ndarray"]),

@@ -8,6 +8,7 @@ import torch
 from ... import _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor
+from . import triton as triton_backend
 from .cpp import favor_cpp
 from .reference import favor_torch
 
@@ -15,6 +16,10 @@ OP = "favor_attention"
 
 _dispatch.register(OP, _dispatch.Backend(
     name="cpp", devices=("cpu",), dtypes=FLOAT_DTYPES, run=favor_cpp, available=unavailable_reason))
+_dispatch.register(OP, _dispatch.Backend(
+    name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES, default=False,
+    run=triton_backend.favor_triton, available=triton_backend.unavailable_reason,
+    check=triton_backend.decline_reason))
 _dispatch.register(OP, _dispatch.Backend(
     name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=("cuda", "mps", "xpu"),
     run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel)))
@@ -42,9 +47,10 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             it were removed. A query with no visible key returns zeros.
         kernel: "softmax" (positive random features, approximates softmax attention) or "relu"
             (generalized attention with features relu(W x) + 1e-3).
-        backend: None picks the first backend that supports the inputs ("cpp" on the CPU, "torch"
-            on GPUs until compiled GPU kernels exist); "cpp" or "torch" (plain PyTorch, any
-            device) forces one.
+        backend: None picks the first backend that supports the inputs: "cpp" on the CPU,
+            "torch" on GPUs. "cpp" (C++ kernels), "triton" (Triton kernels, opt-in: float32,
+            float16 and bfloat16, head and feature sizes limited, see ``ops/favor/triton.py``) or
+            "torch" (plain PyTorch, any device) forces one.
 
     Returns:
         (..., L, Ev) in the query's dtype. Internally float32 accumulation (float64 for float64).

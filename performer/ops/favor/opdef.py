@@ -1,0 +1,68 @@
+"""What the compiled FAVOR+ ops of every backend share: the op pair's contract (forward returns out
+and the statistics its backward needs; backward recomputes features from them), their fake
+kernels, their autograd, and the argument checks of ops written in Python.
+
+    forward(q, k, v, features, key_padding_mask, scale, causal, kernel)
+        -> out (B, H, L, Ev) in q's dtype, state (B, Hk, m, Ev + 1), den (B, H, L),
+           query_shift (B, H, L), key_shift (B, Hk, S), the last four in the accumulation dtype
+    backward(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift,
+             key_shift, scale, causal, kernel) -> dq, dk, dv
+"""
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def forward_fake(q, k, v, features, key_padding_mask, scale, causal, kernel):
+    B, H, L, _ = q.shape
+    Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    m = features.shape[0]
+    acc = acc_dtype(q)
+    return (q.new_empty(B, H, L, Ev), q.new_empty(B, Hk, m, Ev + 1, dtype=acc),
+            q.new_empty(B, H, L, dtype=acc), q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
+
+
+def backward_fake(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift, key_shift, scale,
+                  causal, kernel):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def register_autograd(forward, backward) -> None:
+    """forward's gradient through backward (q, k, v only: features and the mask are constants)."""
+    def setup_context(ctx, inputs, output):
+        q, k, v, features, key_padding_mask, scale, causal, kernel = inputs
+        out, *stats = output  # state, den, query_shift, key_shift
+        ctx.save_for_backward(q, k, v, features, key_padding_mask, out, *stats)
+        ctx.params = (scale, causal, kernel)
+        ctx.mark_non_differentiable(*stats)
+
+    def backward_fn(ctx, grad_out, *_unused):
+        dq, dk, dv = backward(grad_out, *ctx.saved_tensors, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def check_forward(q, k, v, features, key_padding_mask, causal: bool, kernel: str, op: str, dtypes) -> None:
+    """The forward op's own argument checks (performer.favor_attention validates before this)."""
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and features.dim() == 2,
+                 lambda: f"{op}: expected q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) and features (m, E)")
+    B, H, L, E = q.shape
+    torch._check(k.shape[0] == B and v.shape[0] == B and k.shape[1] == v.shape[1] and k.shape[2] == v.shape[2]
+                 and k.shape[3] == E and features.shape[1] == E and k.shape[1] > 0 and H % k.shape[1] == 0,
+                 lambda: f"{op}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"features {tuple(features.shape)}")
+    torch._check(q.dtype == k.dtype == v.dtype and q.dtype in dtypes,
+                 lambda: f"{op}: q, k, v must share one dtype of {dtypes}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(q.device == k.device == v.device == features.device,
+                 lambda: f"{op}: q, k, v and features must be on one device")
+    torch._check(kernel in ("softmax", "relu"), lambda: f"{op}: kernel must be 'softmax' or 'relu'; got {kernel!r}")
+    torch._check(not causal or L == k.shape[2], lambda: f"{op}: causal needs L == S; got {L} and {k.shape[2]}")
+    if key_padding_mask is not None:
+        torch._check(key_padding_mask.dtype == torch.bool and tuple(key_padding_mask.shape) == (B, k.shape[2]),
+                     lambda: f"{op}: key_padding_mask must be bool (B, S) = ({B}, {k.shape[2]}); got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")

@@ -1,0 +1,677 @@
+"""FAVOR+ in Triton: ``torch.ops.performer.triton_favor_forward`` / ``triton_favor_backward``.
+
+The same ops, outputs and math as the compiled C++ kernels (``performer::favor_forward`` /
+``favor_backward``, see csrc/cpu/favor_kernel.h): the forward returns ``out`` and the statistics the
+backward needs (the final key state [S, z] (B, Hk, m, Ev + 1), each query's normalizer and shift
+(B, H, L), each key's shift (B, Hk, S)), and the backward recomputes features from them. Features
+are computed in registers and never reach memory; nothing of size L x m, S x m or L x S is stored.
+
+Per (batch, head), with Wc = sqrt(scale) W (m, E), u = q Wc^T, w = k Wc^T - scale |k|^2 / 2:
+  bidirectional  1. ``_bidir_state_kernel``: [S, z] = phi(K)^T [V, 1] over a segment of the keys per
+                    program, each relative to its own running maximum; the segments are combined by
+                    rescaling to the largest (torch, a few small tensors).
+                 2. ``_bidir_out_kernel``: one program per block of queries: phi(Q) [S, z].
+  causal         ``_causal_fwd_kernel``: one program per query head walks the sequence in chunks of
+                 BLOCK rows: the masked intra-chunk product with weights e^{m_s - m_t} (m_s the
+                 running maximum of key logits up to s, so nothing at t depends on later keys) plus
+                 phi_q times the state carried from earlier chunks.
+  backward       bidirectional: ``_bidir_dq_kernel`` (dq, and per segment its part of dS, dz, the
+                 gradient with respect to the state), then ``_bidir_dkv_kernel`` (dk, dv).
+                 causal: ``_causal_dq_kernel`` (a forward sweep that rebuilds the state) and
+                 ``_causal_dkv_kernel`` (a reverse sweep carrying the later queries' P, p).
+
+Precision: float32 inputs use exact float32 products (``input_precision="ieee"``). 16-bit inputs
+are read into float32 (features can exceed the float16 range) and multiplied in TF32 (exact for
+the 16-bit q, k, v themselves; 10-bit mantissas for the features), accumulated in float32.
+float64 is left to the other backends.
+
+Both ops are opaque ``torch.library.custom_op``s with fake kernels, compiled or under the Triton
+interpreter (TRITON_INTERPRET=1, for tests on the CPU); torch.compile calls them as they are.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+
+from ..._triton import DEVICES, INTERPRET, REGISTERED, tl, triton, unavailable_reason
+from . import opdef
+from .reference import QUERY_SHIFT_SPAN, RELU_EPS, min_den
+
+FORWARD = "performer::triton_favor_forward"
+BACKWARD = "performer::triton_favor_backward"
+
+# bfloat16 arithmetic is not emulated correctly by the interpreter, so it is offered only compiled.
+SUPPORTED_DTYPES: tuple = ((torch.float32, torch.float16) if INTERPRET
+                           else (torch.float32, torch.float16, torch.bfloat16))
+# Largest head and feature sizes: a program holds an m x Ev state and BLOCK x m feature tiles in
+# registers (sizes are rounded up to powers of two, at least 16).
+# Compiled, the kernels' shared memory grows with these too: on an H100 (227 KiB per block), m = 256
+# at E = 64 needs more than that in several kernels (measured with Triton 3.6), m = 128 fits. The
+# interpreter has no such limit.
+MAX_DIM = 64
+MAX_STATE = 256 * 64 if INTERPRET else 128 * 64          # padded m x max(E, Ev)
+# Programs per SM the bidirectional passes aim for when they split a sequence into segments.
+_PROGRAMS_PER_SM = 2
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n)) if triton is not None else max(16, 1 << max(0, n - 1).bit_length())
+
+
+def decline_reason(args) -> Optional[str]:
+    """Why the Triton kernels do not take these (validated) arguments, or None."""
+    E, Ev, m = args.q.shape[3], args.v.shape[3], args.features.shape[0]
+    if max(E, Ev) > MAX_DIM:
+        return f"head sizes up to {MAX_DIM} (got E={E}, Ev={Ev})"
+    if _pad(m) * max(_pad(E), _pad(Ev)) > MAX_STATE:
+        return f"num_features x head size up to {MAX_STATE} after rounding to powers of two (got m={m}, E={E}, Ev={Ev})"
+    return None
+
+
+if REGISTERED:
+    # Globals a kernel reads must be constexpr.
+    NEG_INF = tl.constexpr(float("-inf"))
+    _EPS = tl.constexpr(RELU_EPS)
+    _SPAN = tl.constexpr(QUERY_SHIFT_SPAN)
+    _MIN_DEN = tl.constexpr(min_den(torch.float32))
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _exp_rel(x, ref):
+        """exp(x - ref) elementwise, 0 where ref is -inf (x <= ref everywhere it is used)."""
+        ok = ref != NEG_INF
+        return tl.exp(tl.where(ok, x - tl.where(ok, ref, 0.0), NEG_INF))
+
+    @triton.jit
+    def _log_pos(x):
+        return tl.where(x > 0, tl.log(tl.where(x > 0, x, 1.0)), NEG_INF)
+
+    @triton.jit
+    def _load_rows(ptr, base, stride_n, stride_d, n0, N, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        """(BLOCK, D_PAD) float32 tile of rows n0.. of one (N, D) matrix; zeros outside."""
+        rows = n0 + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D_PAD)
+        mask = (rows[:, None] < N) & (cols[None, :] < D)
+        x = tl.load(ptr + base + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _load_vec(ptr, base, n0, N, BLOCK: tl.constexpr, other):
+        rows = n0 + tl.arange(0, BLOCK)
+        return tl.load(ptr + base + rows, mask=rows < N, other=other)
+
+    @triton.jit
+    def _store_rows(ptr, base, x, n0, N, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+        """Rows n0.. of a contiguous (N, D) matrix."""
+        rows = n0 + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D_PAD)
+        mask = (rows[:, None] < N) & (cols[None, :] < D)
+        tl.store(ptr + base + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _features_t(w_ptr, E, m, E_PAD: tl.constexpr, M_PAD: tl.constexpr):
+        """Wc^T as an (E_PAD, M_PAD) float32 tile; zeros outside (E, m)."""
+        e = tl.arange(0, E_PAD)
+        j = tl.arange(0, M_PAD)
+        return tl.load(w_ptr + e[:, None] + j[None, :] * E, mask=(e[:, None] < E) & (j[None, :] < m), other=0.0)
+
+    @triton.jit
+    def _load_state(state_ptr, base, m, Ev, M_PAD: tl.constexpr, EV_PAD: tl.constexpr):
+        """[S, z] from an (m, Ev + 1) float32 matrix: S (M_PAD, EV_PAD) and z (M_PAD,)."""
+        j = tl.arange(0, M_PAD)
+        e = tl.arange(0, EV_PAD)
+        S = tl.load(state_ptr + base + j[:, None] * (Ev + 1) + e[None, :], mask=(j[:, None] < m) & (e[None, :] < Ev),
+                    other=0.0)
+        z = tl.load(state_ptr + base + j * (Ev + 1) + Ev, mask=j < m, other=0.0)
+        return S, z
+
+    @triton.jit
+    def _store_state(state_ptr, base, S, z, m, Ev, M_PAD: tl.constexpr, EV_PAD: tl.constexpr):
+        j = tl.arange(0, M_PAD)
+        e = tl.arange(0, EV_PAD)
+        tl.store(state_ptr + base + j[:, None] * (Ev + 1) + e[None, :], S, mask=(j[:, None] < m) & (e[None, :] < Ev))
+        tl.store(state_ptr + base + j * (Ev + 1) + Ev, z, mask=j < m)
+
+    @triton.jit
+    def _project(x, wt, wtl, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr):
+        """x Wc^T. SPLIT (16-bit inputs): Wc^T = wt + wtl, its TF32 part and the rest; x holds 16-bit
+        values, exact in TF32, so the two TF32 products give x Wc^T to about 2^-21."""
+        u = tl.dot(x, wt, input_precision=PROJ_PREC)
+        if SPLIT:
+            u += tl.dot(x, wtl, input_precision=PROJ_PREC)
+        return u
+
+    @triton.jit
+    def _key_logits(k, wt, wtl, half_c2, m, SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr,
+                    M_PAD: tl.constexpr):
+        """w = k Wc^T (- scale |k|^2 / 2 for softmax); padded feature columns are -inf (softmax)."""
+        w = _project(k, wt, wtl, SPLIT, PROJ_PREC)
+        if SOFTMAX:
+            w = w - half_c2 * tl.sum(k * k, 1)[:, None]
+            w = tl.where(tl.arange(0, M_PAD)[None, :] < m, w, NEG_INF)
+        return w
+
+    @triton.jit
+    def _key_row_max(w, visible, SOFTMAX: tl.constexpr):
+        """Per key: max_j w_j (softmax) or 0 (relu); -inf for keys that are not visible."""
+        if SOFTMAX:
+            r = tl.max(w, 1)
+        else:
+            r = tl.zeros_like(tl.max(w, 1))
+        return tl.where(visible, r, NEG_INF)
+
+    @triton.jit
+    def _key_features(w, ref, visible, m, SOFTMAX: tl.constexpr, M_PAD: tl.constexpr):
+        """phi_k = exp(w - ref) per row (softmax) or relu(w) + eps; zero for hidden keys and padding."""
+        keep = visible[:, None] & (tl.arange(0, M_PAD)[None, :] < m)
+        if SOFTMAX:
+            keep = keep & (ref != NEG_INF)[:, None]
+            phi = tl.exp(tl.where(keep, w - tl.where(ref != NEG_INF, ref, 0.0)[:, None], NEG_INF))
+        else:
+            phi = tl.where(keep, tl.maximum(w, 0.0) + _EPS, 0.0)
+        return phi
+
+    @triton.jit
+    def _query_features(u, shift, m, SOFTMAX: tl.constexpr, M_PAD: tl.constexpr):
+        keep = tl.arange(0, M_PAD)[None, :] < m
+        if SOFTMAX:
+            return tl.where(keep, tl.exp(u - shift[:, None]), 0.0)
+        return tl.where(keep, tl.maximum(u, 0.0) + _EPS, 0.0)
+
+    @triton.jit
+    def _query_shift(u, lam, m, M_PAD: tl.constexpr):
+        """max(max_j (u_j + lam_j), max_j u_j - span) per row (see favor_kernel.h): den >= 1 when the
+        first term wins, and phi_q <= e^span always."""
+        u = tl.where(tl.arange(0, M_PAD)[None, :] < m, u, NEG_INF)
+        return tl.maximum(tl.max(u + lam, 1), tl.max(u, 1) - _SPAN)
+
+    @triton.jit
+    def _causal_weights(ms, BLOCK: tl.constexpr):
+        """[t, s] = e^{m_s - m_t} for s <= t (0 above the diagonal and for keys with m_s = -inf)."""
+        rows = tl.arange(0, BLOCK)
+        keep = (rows[:, None] >= rows[None, :]) & (ms != NEG_INF)[None, :]
+        safe = tl.where(ms != NEG_INF, ms, 0.0)
+        return tl.where(keep, tl.exp(tl.where(keep, safe[None, :] - safe[:, None], 0.0)), 0.0)
+
+    @triton.jit
+    def _visible(mask_ptr, mask_base, s0, S, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        rows = s0 + tl.arange(0, BLOCK)
+        vis = rows < S
+        if HAS_MASK:
+            hidden = tl.load(mask_ptr + mask_base + rows, mask=vis, other=1)
+            vis = vis & (hidden == 0)
+        return vis
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    @triton.jit
+    def _bidir_state_kernel(
+        k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, part_ptr, pmax_ptr,
+        S, E, Ev, m, Hk, half_c2, blocks_per_split, n_split,
+        skb, skh, sks, ske, svb, svh, svs, sve, smb,
+        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """Partial [S, z] of keys [split * blocks_per_split * BLOCK, ...) of kv head (b, hk), relative to
+        the segment's own maximum (written to pmax)."""
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // Hk).to(tl.int64)
+        hk = (bh % Hk).to(tl.int64)
+        acc = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
+        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        run = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK))
+        for blk in range(first, last):
+            s0 = blk * BLOCK
+            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
+            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
+            v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
+            visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
+            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+            new = tl.maximum(run, tl.max(_key_row_max(w, visible, SOFTMAX), 0))
+            alpha = _exp_rel(run, new)
+            phi = _key_features(w, tl.zeros((BLOCK,), tl.float32) + new, visible, m, SOFTMAX, M_PAD)
+            acc = acc * alpha + tl.dot(tl.trans(phi), v, input_precision=PREC)
+            z = z * alpha + tl.sum(phi, 0)
+            run = new
+        out = bh.to(tl.int64) * n_split + split
+        _store_state(part_ptr, out * m * (Ev + 1), acc, z, m, Ev, M_PAD, EV_PAD)
+        tl.store(pmax_ptr + out, run)
+
+    @triton.jit
+    def _bidir_out_kernel(
+        q_ptr, w_ptr, wl_ptr, state_ptr, out_ptr, den_ptr, qs_ptr,
+        L, E, Ev, m, H, Hk, groups,
+        sqb, sqh, sql, sqe,
+        SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """out, den and query shifts of queries [pid * BLOCK, ...) of head (b, h) from the final [S, z]."""
+        t0 = tl.program_id(0) * BLOCK
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // groups
+        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
+        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+        S, z = _load_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
+        q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+        u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+        if SOFTMAX:
+            shift = _query_shift(u, _log_pos(z)[None, :], m, M_PAD)
+        else:
+            shift = tl.zeros((BLOCK,), tl.float32)
+        phi = _query_features(u, shift, m, SOFTMAX, M_PAD)
+        num = tl.dot(phi, S, input_precision=PREC)
+        den = tl.sum(phi * z[None, :], 1)
+        ok = den >= _MIN_DEN
+        row = bh.to(tl.int64) * L
+        _store_rows(out_ptr, row * Ev, tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0), t0, L, Ev,
+                    BLOCK, EV_PAD)
+        rows = t0 + tl.arange(0, BLOCK)
+        tl.store(den_ptr + row + rows, tl.where(ok, den, 0.0), mask=rows < L)
+        tl.store(qs_ptr + row + rows, shift, mask=rows < L)
+
+    @triton.jit
+    def _causal_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, state_ptr,
+        L, E, Ev, m, H, Hk, groups, half_c2,
+        sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, smb,
+        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """Causal FAVOR+ of query head (b, h), chunk by chunk. The first head of each kv group also
+        writes the key shifts (running maxima) and the final state."""
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // groups
+        leader = (h % groups) == 0
+        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
+        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+        key_rows = tl.where(leader, L, 0)          # rows of key shifts this program writes
+        S = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
+        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        m_prev = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
+        rows = tl.arange(0, BLOCK)
+        row = bh.to(tl.int64) * L
+        krow = (b * Hk + hk) * L
+        for t0 in range(0, L, BLOCK):
+            k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, t0, L, E, BLOCK, E_PAD)
+            v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
+            q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+            visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
+            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+            ms = tl.maximum(tl.associative_scan(_key_row_max(w, visible, SOFTMAX), 0, _max_combine), m_prev)
+            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
+            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            inter = _exp_rel(m_prev, ms)                     # e^{Mprev - m_t}
+            if SOFTMAX:
+                # lam_t = max(log z + Mprev - m_t, w_t - m_t): the earlier state and key t itself.
+                off = tl.where(ms != NEG_INF, m_prev - tl.where(ms != NEG_INF, ms, 0.0), NEG_INF)
+                from_key = tl.where((visible & (ms != NEG_INF))[:, None],
+                                    w - tl.where(ms != NEG_INF, ms, 0.0)[:, None], NEG_INF)
+                shift = _query_shift(u, tl.maximum(_log_pos(z)[None, :] + off[:, None], from_key), m, M_PAD)
+            else:
+                shift = tl.zeros((BLOCK,), tl.float32)
+            phiq = _query_features(u, shift, m, SOFTMAX, M_PAD)
+            a = tl.dot(phiq, tl.trans(phik), input_precision=PREC) * _causal_weights(ms, BLOCK)
+            num = tl.dot(a, v, input_precision=PREC) + inter[:, None] * tl.dot(phiq, S, input_precision=PREC)
+            den = tl.sum(a, 1) + inter * tl.sum(phiq * z[None, :], 1)
+            ok = den >= _MIN_DEN
+            _store_rows(out_ptr, row * Ev, tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0), t0, L,
+                        Ev, BLOCK, EV_PAD)
+            tl.store(den_ptr + row + t0 + rows, tl.where(ok, den, 0.0), mask=t0 + rows < L)
+            tl.store(qs_ptr + row + t0 + rows, shift, mask=t0 + rows < L)
+            tl.store(ks_ptr + krow + t0 + rows, ms, mask=t0 + rows < key_rows)
+            # Carry [S, z] past this chunk, relative to the running maximum at its end.
+            m_end = tl.max(ms, 0)
+            keep = _exp_rel(m_prev, m_end)
+            scaled = phik * _exp_rel(ms, tl.zeros_like(ms) + m_end)[:, None]
+            S = S * keep + tl.dot(tl.trans(scaled), v, input_precision=PREC)
+            z = z * keep + tl.sum(scaled, 0)
+            m_prev = m_end
+        if leader:
+            _store_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), S, z, m, Ev, M_PAD, EV_PAD)
+
+    # ---- backward -----------------------------------------------------------------------------
+
+    @triton.jit
+    def _grad_rows(g_ptr, out_ptr, den_ptr, g_base, sgl, sge, row, t0, L, Ev, BLOCK: tl.constexpr,
+                   EV_PAD: tl.constexpr):
+        """gq = g / den and beta = (g . out) / den for rows t0.. (zero where den == 0)."""
+        g = _load_rows(g_ptr, g_base, sgl, sge, t0, L, Ev, BLOCK, EV_PAD)
+        o = _load_rows(out_ptr, row * Ev, Ev, 1, t0, L, Ev, BLOCK, EV_PAD)
+        den = _load_vec(den_ptr, row, t0, L, BLOCK, 0.0)
+        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        return g * inv[:, None], tl.sum(g * o, 1) * inv
+
+    @triton.jit
+    def _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
+                   PROJ_PREC: tl.constexpr):
+        """dk from the gradient with respect to phi_k: dw = dphi * dphi/dw; dk = dw Wc (- scale k sum_j dw_j)."""
+        if SOFTMAX:
+            dw = dphi * phi
+            return tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC) - (2.0 * half_c2) * k * tl.sum(dw, 1)[:, None]
+        dw = tl.where(visible[:, None] & (w > 0), dphi, 0.0)
+        return tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC)
+
+    @triton.jit
+    def _query_grads(dphi, phi, u, wt, SOFTMAX: tl.constexpr, PROJ_PREC: tl.constexpr):
+        if SOFTMAX:
+            du = dphi * phi
+        else:
+            du = tl.where(u > 0, dphi, 0.0)
+        return tl.dot(du, tl.trans(wt), input_precision=PROJ_PREC)
+
+    @triton.jit
+    def _bidir_dq_kernel(
+        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, state_ptr, dq_ptr, dpart_ptr,
+        L, E, Ev, m, H, Hk, groups, blocks_per_split, n_split,
+        sqb, sqh, sql, sqe, sgb, sgh, sgl, sge,
+        SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """dq of a segment of head (b, h)'s queries, and the segment's part of [dS, dz]."""
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // groups
+        row = bh.to(tl.int64) * L
+        S, z = _load_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
+        dS = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
+        dz = tl.zeros((M_PAD,), dtype=tl.float32)
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(L, BLOCK))
+        for blk in range(first, last):
+            t0 = blk * BLOCK
+            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
+            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            phi = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+            gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
+            dphi = tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :]
+            _store_rows(dq_ptr, row * E, _query_grads(dphi, phi, u, wt, SOFTMAX, PROJ_PREC), t0, L, E, BLOCK, E_PAD)
+            dS += tl.dot(tl.trans(phi), gq, input_precision=PREC)
+            dz -= tl.sum(phi * beta[:, None], 0)
+        _store_state(dpart_ptr, (bh.to(tl.int64) * n_split + split) * m * (Ev + 1), dS, dz, m, Ev, M_PAD, EV_PAD)
+
+    @triton.jit
+    def _bidir_dkv_kernel(
+        k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, dstate_ptr, ks_ptr, dk_ptr, dv_ptr,
+        S, E, Ev, m, Hk, half_c2,
+        skb, skh, sks, ske, svb, svh, svs, sve, smb,
+        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """dk, dv of keys [pid * BLOCK, ...) of kv head (b, hk) from the complete [dS, dz]."""
+        s0 = tl.program_id(0) * BLOCK
+        bh = tl.program_id(1)
+        b = (bh // Hk).to(tl.int64)
+        hk = (bh % Hk).to(tl.int64)
+        krow = bh.to(tl.int64) * S
+        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
+        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+        dS, dz = _load_state(dstate_ptr, bh.to(tl.int64) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
+        k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
+        v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
+        visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
+        w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+        phi = _key_features(w, _load_vec(ks_ptr, krow, s0, S, BLOCK, NEG_INF), visible, m, SOFTMAX, M_PAD)
+        dphi = tl.dot(v, tl.trans(dS), input_precision=PREC) + dz[None, :]
+        _store_rows(dv_ptr, krow * Ev, tl.dot(phi, dS, input_precision=PREC), s0, S, Ev, BLOCK, EV_PAD)
+        _store_rows(dk_ptr, krow * E, _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC),
+                    s0, S, E, BLOCK, E_PAD)
+
+    @triton.jit
+    def _causal_dq_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dq_ptr,
+        L, E, Ev, m, H, Hk, groups, half_c2,
+        sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
+        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """dq of query head (b, h): a forward sweep that rebuilds the state chunk by chunk."""
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // groups
+        row = bh.to(tl.int64) * L
+        krow = (b * Hk + hk) * L
+        S = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
+        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        m_prev = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
+        for t0 in range(0, L, BLOCK):
+            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
+            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, t0, L, E, BLOCK, E_PAD)
+            v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
+            q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+            visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
+            ms = _load_vec(ks_ptr, krow, t0, L, BLOCK, NEG_INF)
+            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
+            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            phiq = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+            gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
+            inter = _exp_rel(m_prev, ms)
+            da = (tl.dot(gq, tl.trans(v), input_precision=PREC) - beta[:, None]) * _causal_weights(ms, BLOCK)
+            dphi = tl.dot(da, phik, input_precision=PREC) + inter[:, None] * (
+                tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :])
+            _store_rows(dq_ptr, row * E, _query_grads(dphi, phiq, u, wt, SOFTMAX, PROJ_PREC), t0, L, E, BLOCK, E_PAD)
+            m_end = tl.maximum(tl.max(ms, 0), m_prev)
+            keep = _exp_rel(m_prev, m_end)
+            scaled = phik * _exp_rel(ms, tl.zeros_like(ms) + m_end)[:, None]
+            S = S * keep + tl.dot(tl.trans(scaled), v, input_precision=PREC)
+            z = z * keep + tl.sum(scaled, 0)
+            m_prev = m_end
+
+    @triton.jit
+    def _causal_dkv_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dk_ptr, dv_ptr,
+        L, E, Ev, m, H, Hk, groups, half_c2,
+        sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
+        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+    ):
+        """dk, dv of kv head (b, hk): a reverse sweep over chunks carrying [P, p], the sum over later
+        queries (of every head in the group) of e^{Mc - m_t} phi_q(t) [gq_t, -beta_t], relative to Mc,
+        the running maximum at the end of the chunk in hand."""
+        bh = tl.program_id(0)
+        b = (bh // Hk).to(tl.int64)
+        hk = (bh % Hk).to(tl.int64)
+        krow = bh.to(tl.int64) * L
+        P = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
+        p = tl.zeros((M_PAD,), dtype=tl.float32)
+        n_chunks = tl.cdiv(L, BLOCK)
+        for i in range(0, n_chunks):
+            t0 = (n_chunks - 1 - i) * BLOCK
+            # Features read per chunk (from L2), not held across the loop: the loop-long copy
+            # pushes this kernel past the 227 KiB of shared memory at m = 256.
+            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
+            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, t0, L, E, BLOCK, E_PAD)
+            v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
+            visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
+            ms = _load_vec(ks_ptr, krow, t0, L, BLOCK, NEG_INF)
+            # The running maximum before the chunk (-inf for the first) and at its end.
+            m_prev = tl.where(t0 > 0, tl.load(ks_ptr + krow + tl.maximum(t0 - 1, 0)), NEG_INF)
+            m_end = tl.max(ms, 0)
+            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
+            causal = _causal_weights(ms, BLOCK)
+            # Later chunks: e^{m_s - Mc} (P v_s + p) and e^{m_s - Mc} P^T phi_k(s).
+            later = _exp_rel(ms, tl.zeros_like(ms) + m_end)
+            dphik = later[:, None] * (tl.dot(v, tl.trans(P), input_precision=PREC) + p[None, :])
+            dv = later[:, None] * tl.dot(phik, P, input_precision=PREC)
+            to_prev = _exp_rel(m_prev, ms)       # e^{Mprev - m_t}: this chunk's queries, for earlier keys
+            P = P * _exp_rel(m_prev, m_end)
+            p = p * _exp_rel(m_prev, m_end)
+            for j in range(0, groups):
+                h = hk * groups + j
+                row = (b * H + h) * L
+                q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+                phiq = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+                gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK,
+                                      EV_PAD)
+                a = tl.dot(phiq, tl.trans(phik), input_precision=PREC) * causal
+                da = (tl.dot(gq, tl.trans(v), input_precision=PREC) - beta[:, None]) * causal
+                dphik += tl.dot(tl.trans(da), phiq, input_precision=PREC)
+                dv += tl.dot(tl.trans(a), gq, input_precision=PREC)
+                scaled = phiq * to_prev[:, None]
+                P += tl.dot(tl.trans(scaled), gq, input_precision=PREC)
+                p -= tl.sum(scaled * beta[:, None], 0)
+            _store_rows(dv_ptr, krow * Ev, dv, t0, L, Ev, BLOCK, EV_PAD)
+            _store_rows(dk_ptr, krow * E, _key_grads(dphik, phik, w, k, wt, half_c2, visible, SOFTMAX, PREC,
+                                                     PROJ_PREC), t0, L, E, BLOCK, E_PAD)
+
+
+# ---- launches -------------------------------------------------------------------------------------
+
+def _strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride())
+
+
+class _Launch:
+    """Sizes, tiles and the common kernel arguments of one call."""
+
+    def __init__(self, q, k, v, features, key_padding_mask, scale, kernel):
+        self.B, self.H, self.L, self.E = q.shape
+        self.Hk, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
+        self.m = features.shape[0]
+        self.groups = self.H // self.Hk
+        self.softmax = kernel == "softmax"
+        wc = (features.detach().float() * math.sqrt(scale)).contiguous()
+        split = q.dtype != torch.float32
+        if split:   # Wc = its TF32 part (low 13 mantissa bits cleared) + the rest (see _project)
+            hi = (wc.view(torch.int32) & ~0x1FFF).view(torch.float32)
+            self.wc, self.wc_lo = hi, wc - hi
+        else:
+            self.wc, self.wc_lo = wc, wc
+        self.half_c2 = 0.5 * scale
+        self.mask = (key_padding_mask.to(torch.int8) if key_padding_mask is not None
+                     else torch.zeros(1, dtype=torch.int8, device=q.device))
+        self.mask_stride = self.mask.stride(0) if key_padding_mask is not None else 0
+        pads = dict(E_PAD=_pad(self.E), EV_PAD=_pad(self.Ev), M_PAD=_pad(self.m))
+        tile = pads["M_PAD"] * max(pads["E_PAD"], pads["EV_PAD"])
+        # Rows per chunk: 16, the smallest tile of a tensor-core product. Register and shared-memory
+        # use grow with BLOCK x m (features) on top of the m x Ev state; compiled for sm_90 at
+        # m = 256, E = Ev = 64, 32 or 64 rows spill several KiB per thread, 16 rows little.
+        block = 16
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.meta = dict(SOFTMAX=self.softmax, SPLIT=split, PREC=prec, PROJ_PREC=prec, BLOCK=block, **pads)
+        self.launch = dict() if INTERPRET else dict(num_warps=8 if tile > 64 * 64 else 4)
+        self.device = q.device
+
+    def splits(self, n: int, programs: int) -> tuple[int, int]:
+        """(blocks per segment, segments) to split n rows over about _PROGRAMS_PER_SM programs per SM."""
+        blocks = triton.cdiv(n, self.meta["BLOCK"])
+        if INTERPRET or self.device.type != "cuda":
+            want = 2
+        else:
+            want = torch.cuda.get_device_properties(self.device).multi_processor_count * _PROGRAMS_PER_SM
+        per = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(want, max(programs, 1)))))
+        return per, triton.cdiv(blocks, per)
+
+    def run(self, kernel, grid, *args, **meta):
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](*args, **{**self.meta, **meta}, **self.launch)
+
+
+def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
+                  key_padding_mask: Optional[torch.Tensor], scale: float, causal: bool,
+                  kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    opdef.check_forward(q, k, v, features, key_padding_mask, causal, kernel, "triton_favor_forward",
+                        SUPPORTED_DTYPES)
+    x = _Launch(q, k, v, features, key_padding_mask, scale, kernel)
+    B, H, L, Hk, S, Ev, m = x.B, x.H, x.L, x.Hk, x.S, x.Ev, x.m
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, H, L, **f32)
+    qshift = torch.empty(B, H, L, **f32)
+    kshift = torch.empty(B, Hk, S, **f32)
+    state = torch.zeros(B, Hk, m, Ev + 1, **f32)
+    if causal:
+        if L > 0:
+            x.run(_causal_fwd_kernel, (B * H,), q, k, v, x.wc, x.wc_lo, x.mask, out, den, qshift, kshift, state,
+                  L, x.E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v), x.mask_stride,
+                  HAS_MASK=key_padding_mask is not None)
+        return out, state, den, qshift, kshift
+    if S > 0:
+        per, n_split = x.splits(S, B * Hk)
+        part = torch.empty(B * Hk, n_split, m, Ev + 1, **f32)
+        pmax = torch.empty(B * Hk, n_split, **f32)
+        x.run(_bidir_state_kernel, (n_split, B * Hk), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
+              S, x.E, Ev, m, Hk, x.half_c2, per, n_split, *_strides(k), *_strides(v), x.mask_stride,
+              HAS_MASK=key_padding_mask is not None)
+        top = pmax.amax(dim=1, keepdim=True)
+        finite = top != float("-inf")
+        factor = torch.where(finite, torch.exp(pmax - torch.where(finite, top, 0.0)), 0.0)
+        state = (part * factor[..., None, None]).sum(dim=1).view(B, Hk, m, Ev + 1)
+        kshift = top.view(B, Hk, 1).expand(B, Hk, S).contiguous()
+    if L > 0:
+        x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]), B * H), q, x.wc, x.wc_lo, state, out, den, qshift,
+              L, x.E, Ev, m, H, Hk, x.groups, *_strides(q))
+    return out, state, den, qshift, kshift
+
+
+def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
+                   key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, state: torch.Tensor, den: torch.Tensor,
+                   query_shift: torch.Tensor, key_shift: torch.Tensor, scale: float, causal: bool,
+                   kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = _Launch(q, k, v, features, key_padding_mask, scale, kernel)
+    B, H, L, E, Hk, S, Ev, m = x.B, x.H, x.L, x.E, x.Hk, x.S, x.Ev, x.m
+    new = torch.zeros if L == 0 or S == 0 else torch.empty
+    dq = new(B, H, L, E, dtype=q.dtype, device=q.device)
+    dk = new(B, Hk, S, E, dtype=q.dtype, device=q.device)
+    dv = new(B, Hk, S, Ev, dtype=q.dtype, device=q.device)
+    if L == 0 or S == 0:
+        return dq, dk, dv
+    has_mask = key_padding_mask is not None
+    out = out.contiguous()
+    if causal:
+        common = (L, E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v),
+                  *_strides(grad_out), x.mask_stride)
+        x.run(_causal_dq_kernel, (B * H,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask, dq,
+              *common, HAS_MASK=has_mask)
+        x.run(_causal_dkv_kernel, (B * Hk,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
+              dk, dv, *common, HAS_MASK=has_mask)
+        return dq, dk, dv
+    per, n_split = x.splits(L, B * H)
+    dpart = torch.empty(B * H, n_split, m, Ev + 1, dtype=torch.float32, device=q.device)
+    x.run(_bidir_dq_kernel, (n_split, B * H), q, grad_out, out, den, query_shift, x.wc, x.wc_lo, state, dq, dpart,
+          L, E, Ev, m, H, Hk, x.groups, per, n_split, *_strides(q), *_strides(grad_out))
+    dstate = dpart.view(B, Hk, x.groups * n_split, m, Ev + 1).sum(dim=2)
+    x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]), B * Hk), k, v, x.wc, x.wc_lo, x.mask, dstate,
+          key_shift.contiguous(), dk, dv,
+          S, E, Ev, m, Hk, x.half_c2, *_strides(k), *_strides(v), x.mask_stride, HAS_MASK=has_mask)
+    return dq, dk, dv
+
+
+if REGISTERED:
+    # Opaque custom ops, compiled or interpreted: torch.compile calls them as they are (a
+    # triton_op with several outputs, some saved for the backward, trips the partitioner of
+    # torch 2.11's AOTAutograd).
+    forward_op = torch.library.custom_op(FORWARD, mutates_args=())(_forward_impl)
+    backward_op = torch.library.custom_op(BACKWARD, mutates_args=())(_backward_impl)
+    forward_op.register_fake(opdef.forward_fake)
+    backward_op.register_fake(opdef.backward_fake)
+    opdef.register_autograd(forward_op, torch.ops.performer.triton_favor_backward.default)
+
+
+def favor_triton(args) -> torch.Tensor:
+    out, *_ = torch.ops.performer.triton_favor_forward(
+        args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.causal, args.kernel)
+    return out
