@@ -20,6 +20,7 @@ against a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +47,7 @@ def parse_args(argv):
                              "(default: float32; matmul float32 and bfloat16)")
     parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
                         help="sequence lengths of attention and prefix lengths of decode")
+    parser.add_argument("--dim", type=int, metavar="E", help="attention head size (default: 64)")
     parser.add_argument("--sizes", type=int, nargs="+", metavar="N",
                         help="square matmul sizes (replace the default square and FAVOR+ shapes)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -61,6 +63,8 @@ def parse_args(argv):
         parser.error(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}, all")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: CUDA is not available to this torch ({torch.__version__})")
+    if args.dim is not None and args.dim < 1:
+        parser.error("--dim must be a positive integer")
     for name in ("lengths", "sizes"):
         if any(n < 1 for n in getattr(args, name) or ()):
             parser.error(f"--{name} must be positive integers")
@@ -80,7 +84,9 @@ def plan(args) -> list[cases.Plan]:
     plans = []
     for suite in args.suites:
         if suite == "attention":
-            spec = registry.ATTENTION
+            spec = registry.attention_suite(args.device)
+            if args.dim:
+                spec = dataclasses.replace(spec, dim=args.dim)
             plans.append(cases.plan_attention(spec, args.lengths or spec.lengths.pick(quick), args.dtype or spec.dtypes,
                                               args.device))
         elif suite == "matmul":

@@ -79,12 +79,14 @@ def group_name(dtype: str, causal: bool, mode: str) -> str:
 
 
 def attention_crossovers(records: list[dict]) -> dict[str, dict]:
-    """{group_name(...): crossover} of the C++ kernels ("cpp") with exact attention ("sdpa"), for
-    the groups where both ran at some length."""
+    """{group_name(...): crossover} of the package's kernels ("cpp" on the CPU, "triton" on GPUs)
+    with exact attention ("sdpa"), for the groups where both ran at some length."""
+    present = present_impls(records, "attention")
+    subject = next((name for name in ("cpp", "triton") if name in present), "cpp")
     out = {}
     for group, rows in _attention_groups(records).items():
-        points = [(L, by["cpp"]["median_ms"], by["sdpa"]["median_ms"])
-                  for L, by in sorted(rows.items()) if "cpp" in by and "sdpa" in by]
+        points = [(L, by[subject]["median_ms"], by["sdpa"]["median_ms"])
+                  for L, by in sorted(rows.items()) if subject in by and "sdpa" in by]
         if points:
             out[group_name(*group)] = crossover(points)
     return out
