@@ -161,7 +161,12 @@ def test_opcheck(causal):
     case = make_case(next(s for s in SPECS if s.id == "gqa_odd"), torch.float32, masked=True)
     q, k, v, w, mask = _to_device(case.q.requires_grad_(), case.k.requires_grad_(), case.v.requires_grad_(),
                                   case.features, case.key_padding_mask)
-    torch.library.opcheck(torch.ops.performer.triton_favor_forward.default, (q, k, v, w, mask, 0.3, causal, "softmax"))
+    args = (q, k, v, w, mask, 0.3, causal, "softmax")
+    torch.library.opcheck(torch.ops.performer.triton_favor_forward.default, args)
+    out, *stats = (t.detach() for t in torch.ops.performer.triton_favor_forward(*args))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    torch.library.opcheck(torch.ops.performer.triton_favor_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), w, mask, out, *stats, 0.3, causal, "softmax"))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -9,13 +9,9 @@ with its default ``torch.backends.cuda.matmul.allow_tf32 = False``. TF32 would b
 faster on tensor cores but keeps only 10 mantissa bits of each input (relative error ~1e-3), which
 a float32 caller does not expect from a drop-in matmul.
 
-Where it runs: on CUDA (or ROCm) GPUs with the Triton compiler, or on the CPU under the Triton
-interpreter, selected by ``TRITON_INTERPRET=1`` in the environment *before this module is imported*
-(``import performer`` imports it): Triton reads the variable when a kernel is defined, and this
-module reads it once, at import, to choose how the op is registered (see below). With neither a
-GPU build of PyTorch nor the interpreter, triton is not even imported and no op is registered.
-``unavailable_reason()`` says why it cannot run; ``DEVICES`` and ``SUPPORTED_DTYPES`` say what
-it accepts.
+Where it runs: see performer/_triton.py (a GPU, or the Triton interpreter with TRITON_INTERPRET=1
+set before performer is imported). ``unavailable_reason()`` says why it cannot run; ``DEVICES`` and
+``SUPPORTED_DTYPES`` say what it accepts.
 
 Registration. Compiled Triton: a ``torch.library.triton_op`` whose launch goes through
 ``torch.library.wrap_triton``; eager calls launch the autotuned kernel directly, and under
