@@ -73,14 +73,6 @@ static void store_rows(void* base, DType dt, int64_t off, int64_t n, int64_t D, 
 // ---- small vector helpers ----------------------------------------------------------------------
 
 template <typename T>
-static inline T row_max(const T* x, int64_t n) {
-  T mx = T(kNegInf);
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
-  return mx;
-}
-
-template <typename T>
 static inline T dot(const T* x, const T* y, int64_t n) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -182,9 +174,13 @@ struct Favor {
       if (mk && mk[s]) { ms[s] = T(kNegInf); continue; }
       if (!softmax) { ms[s] = T(0); continue; }
       const T half_norm = T(0.5) * dot(kc + s * E, kc + s * E, E);
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) ws[j] -= half_norm;
-      ms[s] = half_norm == half_norm ? row_max(ws, m) : half_norm;  // a NaN key propagates, never pads
+      T mx = T(kNegInf);
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < m; ++j) {
+        ws[j] -= half_norm;
+        mx = ws[j] > mx ? ws[j] : mx;
+      }
+      ms[s] = half_norm == half_norm ? mx : half_norm;  // a NaN key propagates, never pads
     }
   }
 
@@ -213,8 +209,10 @@ struct Favor {
     gemm_(n, w_t, qc, E, 1, u, m, false);
   }
 
-  // phi_q(t) = exp(u_t - qs[t]) (relu: relu(u_t) + eps).
-  void query_features(int64_t n) {
+  // phi_q(t) = exp(u_t - qs[t]) (relu: relu(u_t) + eps); with_den: also dens[t] = phi_q(t) . z,
+  // in the same pass.
+  void query_features(int64_t n, bool with_den = false) {
+    const T* zz = z;  // locals, not members, in vectorized loops
     for (int64_t t = 0; t < n; ++t) {
       const T* ut = u + t * m;
       T* ph = phiq + t * m;
@@ -226,6 +224,12 @@ struct Favor {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) ph[j] = (ut[j] < T(0) ? T(0) : ut[j]) + T(kReluEps);
       }
+      if (with_den) {
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) sum += ph[j] * zz[j];
+        dens[t] = sum;
+      }
     }
   }
 
@@ -236,10 +240,13 @@ struct Favor {
     for (int64_t j = 0; j < m; ++j) logz[j] = z[j] > T(0) ? T(::log(double(z[j]))) : T(kNegInf);
   }
   T shift_from(const T* ut, const T* lam) const {
-    T best = T(kNegInf);
-#pragma omp simd reduction(max : best)
-    for (int64_t j = 0; j < m; ++j) best = ut[j] + lam[j] > best ? ut[j] + lam[j] : best;
-    return fmax2(best, row_max(ut, m) - T(kQueryShiftSpan));
+    T best = T(kNegInf), top = T(kNegInf);
+#pragma omp simd reduction(max : best, top)
+    for (int64_t j = 0; j < m; ++j) {
+      best = ut[j] + lam[j] > best ? ut[j] + lam[j] : best;
+      top = ut[j] > top ? ut[j] : top;
+    }
+    return fmax2(best, top - T(kQueryShiftSpan));
   }
   // Bidirectional: lam = log z, the final normalizer.
   void query_shift_bidirectional(int64_t n) {
@@ -254,21 +261,25 @@ struct Favor {
       const T* ut = u + t * m;
       const T off = (Mprev == T(kNegInf) || ms[t] == T(kNegInf)) ? T(kNegInf) : Mprev - ms[t];
       const T* lz = logz;  // locals, not members, in vectorized loops
-      T best = T(kNegInf);
+      T best = T(kNegInf), top = T(kNegInf);
       if (!(mk && mk[t]) && ms[t] != T(kNegInf)) {
         const T* wt = w + t * m;
         const T mt = ms[t];
-#pragma omp simd reduction(max : best)
+#pragma omp simd reduction(max : best, top)
         for (int64_t j = 0; j < m; ++j) {
           const T from_state = lz[j] + off, from_key = wt[j] - mt;
           const T x = ut[j] + (from_state > from_key ? from_state : from_key);
           best = x > best ? x : best;
+          top = ut[j] > top ? ut[j] : top;
         }
       } else {
-#pragma omp simd reduction(max : best)
-        for (int64_t j = 0; j < m; ++j) best = ut[j] + lz[j] + off > best ? ut[j] + lz[j] + off : best;
+#pragma omp simd reduction(max : best, top)
+        for (int64_t j = 0; j < m; ++j) {
+          best = ut[j] + lz[j] + off > best ? ut[j] + lz[j] + off : best;
+          top = ut[j] > top ? ut[j] : top;
+        }
       }
-      qs[t] = fmax2(best, row_max(ut, m) - T(kQueryShiftSpan));
+      qs[t] = fmax2(best, top - T(kQueryShiftSpan));
     }
   }
   // The saved shifts of queries [t0, t0+n) of head h (backward).
@@ -307,10 +318,9 @@ struct Favor {
       const bool visible = dens[t] >= kMinDen<T>;
       den[t] = visible ? dens[t] : T(0);
       qshift[t] = qs[t];
-      const T inv = visible ? T(1) / dens[t] : T(0);
-      for (int64_t e = 0; e < Ev; ++e) num[t * Ev + e] *= inv;
+      store_rows<T>(p.out.data, p.dtype, ((b * p.H + h) * p.L + t0 + t) * Ev, 1, Ev, visible ? T(1) / dens[t] : T(0),
+                    num + t * Ev, Ev);
     }
-    store_rows<T>(p.out.data, p.dtype, ((b * p.H + h) * p.L + t0) * Ev, n, Ev, T(1), num, Ev);
   }
 
   // The gradient with respect to a query's numerator and denominator: gq_t = g_t / den_t and
@@ -398,11 +408,8 @@ struct Favor {
     for (int64_t t = 0; t < n; ++t) beta[t] *= ref[t];
   }
 
-  // num/dens rows = phi_q [S, z] for the n rows in phiq, with S packed in s_p.
-  void apply_state(int64_t n) {
-    gemm_(n, s_p, phiq, m, 1, num, Ev, false);
-    for (int64_t t = 0; t < n; ++t) dens[t] = dot(phiq + t * m, z, m);
-  }
+  // num rows = phi_q S for the n rows in phiq, with S packed in s_p (dens: query_features(n, true)).
+  void apply_state(int64_t n) { gemm_(n, s_p, phiq, m, 1, num, Ev, false); }
 
   // dphi = gq X^T - beta x^T for n query rows: the gradient through [num, den] = phi [X, x] for
   // X (rows x Ev, leading dim Ev) and x (rows); accumulate or overwrite.
@@ -436,7 +443,7 @@ struct Favor {
       const int64_t n = imin(C, t_end - t0);
       project_queries(b, h, t0, n);
       query_shift_bidirectional(n);
-      query_features(n);
+      query_features(n, true);
       apply_state(n);
       finish_rows(b, h, t0, n);
     }
@@ -468,7 +475,7 @@ struct Favor {
       for (int64_t h = hk * g; h < (hk + 1) * g; ++h) {
         project_queries(b, h, t0, n);
         query_shift_causal(b, t0, n, M);
-        query_features(n);
+        query_features(n, true);
         gemm_(n, chunk_p, phiq, m, 1, a, C, false);
         causal_weights(a, n);
         apply_state(n);
