@@ -101,7 +101,8 @@ def _attention_case(spec, impl, L, causal, mode, dtype, device) -> Optional[Case
     def setup():
         q, k, v, w = attention_inputs(spec, L, DTYPES[dtype], device, requires_grad=mode != "forward")
         return attention_call(impl, q, k, v, causal, w, mode)
-    return Case("attention", impl.name, {"L": L, "causal": causal, "mode": mode, "dtype": dtype}, setup)
+    flops = registry.favor_flops(spec, L, causal, mode) if not impl.baseline else None  # the kernels' work
+    return Case("attention", impl.name, {"L": L, "causal": causal, "mode": mode, "dtype": dtype}, setup, flops=flops)
 
 
 def _matmul_case(impl, shape, dtype, device) -> Case:
@@ -152,7 +153,10 @@ def plan_attention(spec: registry.AttentionSuite, lengths, dtypes, device: str) 
         return _attention_case(spec, impl, device=device, **point)
     grid = [dict(L=L, causal=c, mode=mode, dtype=dt)
             for dt in dtypes for c in spec.causal for mode in spec.modes for L in lengths]
-    return _plan("attention", _shape(spec), spec.impls, make, grid, dict(grid[0], L=16), device)
+    plan = _plan("attention", _shape(spec), spec.impls, make, grid, dict(grid[0], L=16), device)
+    if device == "cpu" and not plan.unavailable:
+        plan.cases.insert(0, peak_case("attention", registry.MATMUL.peak_tries))
+    return plan
 
 
 def plan_matmul(spec: registry.MatmulSuite, square, dtypes, device: str, with_favor_shapes: bool) -> Plan:
@@ -165,11 +169,17 @@ def plan_matmul(spec: registry.MatmulSuite, square, dtypes, device: str, with_fa
     tiny = dict(grid[0], shape=registry.MatmulShape("tiny", 1, 8, 8, 8))
     plan = _plan("matmul", {"threads": torch.get_num_threads()}, spec.impls, make, grid, tiny, device)
     if device == "cpu" and not plan.unavailable:
-        threads = plan.settings["threads"]
-        tries, seconds = spec.peak_tries  # the best, as a peak is; the first try may find the cores cold
-        plan.cases.insert(0, Case("matmul", "peak", {"dtype": "float32", "threads": threads}, evaluate=lambda: {
-            "gflops": max(torch.ops.performer.cpu_fma_peak_gflops(threads, seconds) for _ in range(tries))}))
+        plan.cases.insert(0, peak_case("matmul", spec.peak_tries))
     return plan
+
+
+def peak_case(suite: str, tries: tuple[int, float]) -> Case:
+    """The CPU's measured float32 FMA peak on torch's thread count: the best of tries[0] runs of
+    tries[1] seconds each (the first may find the cores cold)."""
+    threads = torch.get_num_threads()
+    count, seconds = tries
+    return Case(suite, "peak", {"dtype": "float32", "threads": threads}, evaluate=lambda: {
+        "gflops": max(torch.ops.performer.cpu_fma_peak_gflops(threads, seconds) for _ in range(count))})
 
 
 def plan_decode(spec: registry.DecodeSuite, prefixes, dtypes, device: str) -> Plan:

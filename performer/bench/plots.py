@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from performer.bench.report import (_attention_groups, attention_crossovers, group_name, machine_line,  # noqa: E402
-                                    matmul_peak, pivot, present_impls)
+                                    measured_peak, pivot, present_impls)
 
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
@@ -121,7 +121,7 @@ def attention_memory(payload: dict, path: str) -> str:
 def matmul(payload: dict, path: str) -> str:
     records = [r for r in payload["records"] if r["suite"] == "matmul"]
     impls = present_impls(records, "matmul")
-    peak = matmul_peak(records)
+    peak = measured_peak(records, "matmul")
     rows = pivot(records, "matmul", ("shape", "dtype"))
     case_of = {r["case"]["shape"]: r["case"] for r in records if r["impl"] != "peak"}
     dtypes = list(dict.fromkeys(dtype for _, dtype in rows))

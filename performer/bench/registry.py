@@ -99,6 +99,20 @@ def attention_suite(device: str) -> AttentionSuite:
     return ATTENTION_GPU if device == "cuda" else ATTENTION
 
 
+def favor_flops(spec: AttentionSuite, L: int, causal: bool, mode: str, chunk: int = 64) -> float:
+    """Floating-point operations of one FAVOR+ call as the kernels run it (a multiply-add is 2), for
+    L = S and E = Ev = dim: per (batch, head) and row, four products of m x dim (the feature
+    projections of q and k, the key state, the output) forward; the backward recomputes the
+    projections and takes 8 more bidirectionally, 11 causally (each sweep recomputes them). Causal
+    mode adds the intra-chunk products, chunk x (m + dim) per row (1 forward, 3 backward). The
+    normalizer column (m per row) is left out."""
+    m, d = spec.num_features, spec.dim
+    products = {"forward": 4, "forward+backward": 15 if causal else 12}[mode]
+    intra = (1 if mode == "forward" else 4) * min(chunk, L) * (m + d) if causal else 0
+    per_row = products * m * d + intra
+    return 2.0 * spec.batch * spec.heads * L * per_row
+
+
 @dataclass(frozen=True)
 class MatmulShape:
     name: str

@@ -105,15 +105,20 @@ def attention_section(records: list[dict], settings: dict) -> str:
     rows = pivot(records, "attention", ("dtype", "causal", "mode", "L"))
     shape = "B={batch} H={heads} E=Ev={dim} m={num_features}".format(**settings)
     out = []
+    peak = measured_peak(records, "attention")
     for dtype in dict.fromkeys(key[0] for key in rows):
         keyed = [(key, by) for key, by in rows.items() if key[0] == dtype]
         time_rows = [[str(L), "yes" if causal else "no", mode, *(fmt_ms(by.get(i.name)) for i in impls),
-                      *(speedup(by, s.name, b.name) for s in subjects for b in baselines)]
+                      *(speedup(by, s.name, b.name) for s in subjects for b in baselines),
+                      *(fmt_gflops(by.get(s.name)) for s in subjects),
+                      *(percent_of_peak(by.get(s.name), peak) for s in subjects if peak)]
                      for (_, causal, mode, L), by in keyed]
         out += [f"### Attention time, {shape}, {dtype} (ms per call, median of repeats)", "",
                 md_table(["L", "causal", "mode", *(f"{i.short} ms" for i in impls),
-                          *(f"{s.short} vs {b.short}" for s in subjects for b in baselines)], time_rows, left=3),
-                "", NOISY_NOTE, ""]
+                          *(f"{s.short} vs {b.short}" for s in subjects for b in baselines),
+                          *(f"{s.short} GFLOP/s" for s in subjects),
+                          *(f"{s.short} % of peak" for s in subjects if peak)], time_rows, left=3),
+                "", NOISY_NOTE, "", FLOPS_NOTE + (peak_line(peak, records, "attention") if peak else ""), ""]
         memory_rows = [[str(L), "yes" if causal else "no", mode, *(fmt_mb(by.get(i.name)) for i in impls)]
                        for (_, causal, mode, L), by in keyed]
         out += [f"### Attention peak memory, {shape}, {dtype} (MiB added by one call)", "",
@@ -125,29 +130,39 @@ def attention_section(records: list[dict], settings: dict) -> str:
     return "\n".join(out)
 
 
-def matmul_peak(records: list[dict]) -> Optional[float]:
-    """The measured FMA peak in GFLOP/s (CPU runs only)."""
-    return next((r["metrics"]["gflops"] for r in records if r["suite"] == "matmul" and r["impl"] == "peak"), None)
+FLOPS_NOTE = ("GFLOP/s: the FAVOR+ kernels' floating-point operations per call "
+              "(performer.bench.registry.favor_flops) over the median time.")
+
+
+def measured_peak(records: list[dict], suite: str) -> Optional[float]:
+    """The FMA peak in GFLOP/s measured with the suite (CPU runs only)."""
+    return next((r["metrics"]["gflops"] for r in records if r["suite"] == suite and r["impl"] == "peak"), None)
+
+
+def peak_line(peak: float, records: list[dict], suite: str) -> str:
+    threads = next(r["case"]["threads"] for r in records if r["suite"] == suite and r["impl"] == "peak")
+    return f" Measured FMA peak: {peak:.0f} GFLOP/s (float32, {threads} thread{'s' if threads > 1 else ''})."
+
+
+def percent_of_peak(metrics: Optional[dict], peak: float) -> str:
+    return "—" if metrics is None or "gflops" not in metrics else f"{100 * metrics['gflops'] / peak:.0f}%"
 
 
 def matmul_section(records: list[dict], settings: dict) -> str:
     impls = present_impls(records, "matmul")
     subjects, baselines = _roles(impls)
-    peak = matmul_peak(records)
+    peak = measured_peak(records, "matmul")
     rows = []
     for (name, batch, M, K, N, dtype), by in pivot(records, "matmul", ("shape", "batch", "M", "K", "N", "dtype")).items():
         size = f"{batch} x " if batch > 1 else ""
         rows.append([name, f"{size}{M}x{K} @ {K}x{N}", dtype,
                      *(fmt_gflops(by.get(i.name)) for i in impls),
                      *(speedup(by, s.name, b.name) for s in subjects for b in baselines),
-                     *([f"{100 * by[s.name]['gflops'] / peak:.0f}%" if s.name in by else "—" for s in subjects]
-                       if peak else [])])
+                     *(percent_of_peak(by.get(s.name), peak) for s in subjects if peak)])
     headers = ["shape", "M x K @ K x N", "dtype", *(f"{i.short} GFLOP/s" for i in impls),
                *(f"{s.short} vs {b.short}" for s in subjects for b in baselines),
-               *([f"{s.short} % of peak" for s in subjects] if peak else [])]
-    threads = settings["threads"]
-    head = (f"Measured FMA peak: {peak:.0f} GFLOP/s (float32, {threads} thread{'s' if threads > 1 else ''})." if peak else
-            "No FMA peak measured on this device.")
+               *(f"{s.short} % of peak" for s in subjects if peak)]
+    head = peak_line(peak, records, "matmul").strip() if peak else "No FMA peak measured on this device."
     return "\n".join(["### Matrix multiply, GFLOP/s (median of repeats)", "", head, "",
                       md_table(headers, rows, left=3), "", NOISY_NOTE, ""])
 
