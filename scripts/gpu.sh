@@ -58,9 +58,10 @@ fi
 # One benchmark run per entry of BENCH (name: arguments of python -m performer.bench).
 declare -A BENCH_RUNS=(
   [attention-e64]="attention --device cuda"
+  [attention-e128]="attention --device cuda --dim 128"
   [matmul]="matmul --device cuda --sizes 4096 8192 --dtype bfloat16 float16 float32"
 )
-BENCH=${BENCH:-attention-e64 matmul}
+BENCH=${BENCH:-attention-e64 attention-e128 matmul}
 if step bench; then
   for name in $BENCH; do
     start=$SECONDS

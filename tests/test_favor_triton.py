@@ -194,30 +194,46 @@ def test_dispatch():
                                                           torch.ones(1, 1, 4, 8)),
                                               None, 0.0, False, None, _to_device(torch.ones(8, 300))[0], None,
                                               "softmax")
-    with pytest.raises(ValueError, match="head sizes up to 64"):
+    with pytest.raises(ValueError, match="head sizes up to 256"):
         _dispatch.select(OP, wide, "triton")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("E,m", [(64, 128), (64, 64), (32, 128), (16, 128)])
-def test_full_size_tiles_match_torch_backend(E, m, causal, dtype):
-    """Compiled tiles at the largest supported feature counts (8 warps) against the plain-PyTorch
-    backend in float64, over many chunks and sequence segments."""
+def _against_torch_backend(E, m, causal, dtype, L, tol):
+    """Values and gradients against the plain-PyTorch backend in float64, relative error below tol."""
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(2, 4, 1000, E, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, L, E, generator=g, dtype=torch.float64) for _ in range(3))
     w = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64)
-    x = [t.to(dtype).cuda().requires_grad_() for t in (q, k, v)]
-    out = performer.favor_attention(*x, is_causal=causal, features=w.to(dtype).cuda(), backend="triton")
+    x = [t.to(dtype).to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = performer.favor_attention(*x, is_causal=causal, features=w.to(dtype).to(DEVICE), backend="triton")
     x64 = [t.detach().double().requires_grad_() for t in x]
-    ref = performer.favor_attention(*x64, is_causal=causal, features=w.to(dtype).double().cuda(), backend="torch")
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64).cuda()
-    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    ref = performer.favor_attention(*x64, is_causal=causal, features=w.to(dtype).double().to(DEVICE), backend="torch")
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
     pairs = [("out", out, ref)] + list(zip(("dq", "dk", "dv"), torch.autograd.grad(out, x, go.to(dtype)),
                                            torch.autograd.grad(ref, x64, go)))
     for name, a, b in pairs:
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("E,m,causal", [(E, m, c) for E, m in ((64, 128), (64, 64), (32, 128), (16, 128))
+                                        for c in (False, True)]
+                         + [(E, m, c) for E, m in ((64, 256), (128, 256), (256, 256), (96, 200))
+                            for c in (False, True)])
+def test_full_size_tiles_match_torch_backend(E, m, causal, dtype):
+    """Compiled tiles at the sizes of the benchmarks and the largest heads (several feature blocks)
+    over many chunks and sequence segments."""
+    _against_torch_backend(E, m, causal, dtype, 1000, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_wide_heads(causal, dtype):
+    """Heads over 64 (E = Ev = 80) over several feature blocks."""
+    _against_torch_backend(80, 40, causal, dtype, 20, TOLERANCE[dtype])
 
 
 # A process runs either the subprocess test above or every other test, never both; full-size tiles

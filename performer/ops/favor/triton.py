@@ -6,19 +6,26 @@ backward needs (the final key state [S, z] (B, Hk, m, Ev + 1), each query's norm
 (B, H, L), each key's shift (B, Hk, S)), and the backward recomputes features from them. Features
 are computed in registers and never reach memory; nothing of size L x m, S x m or L x S is stored.
 
-Per (batch, head), with Wc = sqrt(scale) W (m, E), u = q Wc^T, w = k Wc^T - scale |k|^2 / 2:
-  bidirectional  1. ``_bidir_state_kernel``: [S, z] = phi(K)^T [V, 1] over a segment of the keys per
-                    program, each relative to its own running maximum; the segments are combined by
-                    rescaling to the largest (torch, a few small tensors).
+Per (batch, head), with Wc = sqrt(scale) W (m, E), u = q Wc^T, w = k Wc^T - scale |k|^2 / 2. Every
+kernel takes the features a block of M_BLOCK at a time (``feature_block``), so any m fits a program;
+what needs all of them (the query shift, a maximum over the features) is kept as a running maximum
+over the blocks, with what was summed so far rescaled when it grows.
+  bidirectional  1. ``_bidir_state_kernel``: rows of [S, z] = phi(K)^T [V, 1] per program: one
+                    feature block over a segment of the keys, relative to its own running maximum;
+                    the pieces are combined by rescaling to the largest (torch, a few small tensors).
                  2. ``_bidir_out_kernel``: one program per block of queries: phi(Q) [S, z].
   causal         ``_causal_fwd_kernel``: one program per query head walks the sequence in chunks of
                  BLOCK rows: the masked intra-chunk product with weights e^{m_s - m_t} (m_s the
-                 running maximum of key logits up to s, so nothing at t depends on later keys) plus
-                 phi_q times the state carried from earlier chunks.
-  backward       bidirectional: ``_bidir_dq_kernel`` (dq, and per segment its part of dS, dz, the
-                 gradient with respect to the state), then ``_bidir_dkv_kernel`` (dk, dv).
+                 running maximum of key logits up to s, a first pass over the feature blocks, so
+                 nothing at t depends on later keys) plus phi_q times the state carried from
+                 earlier chunks. The state (m x Ev, too large for one program's registers) lives in
+                 a float32 workspace in global memory, read and rewritten a block at a time.
+  backward       bidirectional: ``_bidir_dq_kernel`` (dq per block of queries),
+                 ``_bidir_dstate_kernel`` (per feature block and segment of queries its part of
+                 dS, dz, the gradient with respect to the state), then ``_bidir_dkv_kernel`` (dk, dv).
                  causal: ``_causal_dq_kernel`` (a forward sweep that rebuilds the state) and
-                 ``_causal_dkv_kernel`` (a reverse sweep carrying the later queries' P, p).
+                 ``_causal_dkv_kernel`` (a reverse sweep carrying the later queries' P, p), both with
+                 their state in a workspace as in the forward.
 
 Precision: float32 inputs use exact float32 products (``input_precision="ieee"``). 16-bit inputs
 are read into float32 (features can exceed the float16 range) and multiplied in TF32 (exact for
@@ -46,13 +53,9 @@ BACKWARD = "performer::triton_favor_backward"
 # bfloat16 arithmetic is not emulated correctly by the interpreter, so it is offered only compiled.
 SUPPORTED_DTYPES: tuple = ((torch.float32, torch.float16) if INTERPRET
                            else (torch.float32, torch.float16, torch.bfloat16))
-# Largest head and feature sizes: a program holds an m x Ev state and BLOCK x m feature tiles in
-# registers (sizes are rounded up to powers of two, at least 16).
-# Compiled, the kernels' shared memory grows with these too: on an H100 (227 KiB per block), m = 256
-# at E = 64 needs more than that in several kernels (measured with Triton 3.6), m = 128 fits. The
-# interpreter has no such limit.
-MAX_DIM = 64
-MAX_STATE = 256 * 64 if INTERPRET else 128 * 64          # padded m x max(E, Ev)
+# Largest head sizes E, Ev. The kernels take the features a block at a time (feature_block), so
+# any number of features fits.
+MAX_DIM = 256
 # Programs per SM the bidirectional passes aim for when they split a sequence into segments.
 _PROGRAMS_PER_SM = 2
 
@@ -61,14 +64,22 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n)) if triton is not None else max(16, 1 << max(0, n - 1).bit_length())
 
 
+def feature_block(E: int, Ev: int, causal: bool) -> int:
+    """Features per block: a program holds an (E, block) slice of the features (twice for 16-bit
+    inputs) and a (block, Ev) slice of the state at a time, the causal kernels beside q, k, v and
+    the chunk's products. Compiled for sm_90 at m = 256, E = 64 or 128 (8 warps), those spill
+    0.5-2 KiB per thread with 64 features, 0.2-2 KiB with 32; the bidirectional ones little with 64.
+    Under the interpreter 16, so that small tests cross block boundaries."""
+    if INTERPRET:
+        return 16
+    wide = max(_pad(E), _pad(Ev)) > 128
+    return (16 if wide else 32) if causal else (32 if wide else 64)
+
+
 def decline_reason(args) -> Optional[str]:
     """Why the Triton kernels do not take these (validated) arguments, or None."""
-    E, Ev, m = args.q.shape[3], args.v.shape[3], args.features.shape[0]
-    if max(E, Ev) > MAX_DIM:
-        return f"head sizes up to {MAX_DIM} (got E={E}, Ev={Ev})"
-    if _pad(m) * max(_pad(E), _pad(Ev)) > MAX_STATE:
-        return f"num_features x head size up to {MAX_STATE} after rounding to powers of two (got m={m}, E={E}, Ev={Ev})"
-    return None
+    E, Ev = args.q.shape[3], args.v.shape[3]
+    return f"head sizes up to {MAX_DIM} (got E={E}, Ev={Ev})" if max(E, Ev) > MAX_DIM else None
 
 
 if REGISTERED:
@@ -115,16 +126,18 @@ if REGISTERED:
         tl.store(ptr + base + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _features_t(w_ptr, E, m, E_PAD: tl.constexpr, M_PAD: tl.constexpr):
-        """Wc^T as an (E_PAD, M_PAD) float32 tile; zeros outside (E, m)."""
+    def _features_t(w_ptr, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr):
+        """Wc^T (or a block of its columns: w_ptr at the block's first row of Wc, m the rows from there
+        on) as an (E_PAD, M_BLOCK) float32 tile; zeros outside (E, m)."""
         e = tl.arange(0, E_PAD)
-        j = tl.arange(0, M_PAD)
+        j = tl.arange(0, M_BLOCK)
         return tl.load(w_ptr + e[:, None] + j[None, :] * E, mask=(e[:, None] < E) & (j[None, :] < m), other=0.0)
 
     @triton.jit
-    def _load_state(state_ptr, base, m, Ev, M_PAD: tl.constexpr, EV_PAD: tl.constexpr):
-        """[S, z] from an (m, Ev + 1) float32 matrix: S (M_PAD, EV_PAD) and z (M_PAD,)."""
-        j = tl.arange(0, M_PAD)
+    def _load_state(state_ptr, base, m, Ev, M_BLOCK: tl.constexpr, EV_PAD: tl.constexpr):
+        """[S, z] from an (m, Ev + 1) float32 matrix (or a block of its rows: base at the block's first,
+        m the rows from there on): S (M_BLOCK, EV_PAD) and z (M_BLOCK,)."""
+        j = tl.arange(0, M_BLOCK)
         e = tl.arange(0, EV_PAD)
         S = tl.load(state_ptr + base + j[:, None] * (Ev + 1) + e[None, :], mask=(j[:, None] < m) & (e[None, :] < Ev),
                     other=0.0)
@@ -132,8 +145,8 @@ if REGISTERED:
         return S, z
 
     @triton.jit
-    def _store_state(state_ptr, base, S, z, m, Ev, M_PAD: tl.constexpr, EV_PAD: tl.constexpr):
-        j = tl.arange(0, M_PAD)
+    def _store_state(state_ptr, base, S, z, m, Ev, M_BLOCK: tl.constexpr, EV_PAD: tl.constexpr):
+        j = tl.arange(0, M_BLOCK)
         e = tl.arange(0, EV_PAD)
         tl.store(state_ptr + base + j[:, None] * (Ev + 1) + e[None, :], S, mask=(j[:, None] < m) & (e[None, :] < Ev))
         tl.store(state_ptr + base + j * (Ev + 1) + Ev, z, mask=j < m)
@@ -149,12 +162,12 @@ if REGISTERED:
 
     @triton.jit
     def _key_logits(k, wt, wtl, half_c2, m, SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr,
-                    M_PAD: tl.constexpr):
+                    M_BLOCK: tl.constexpr):
         """w = k Wc^T (- scale |k|^2 / 2 for softmax); padded feature columns are -inf (softmax)."""
         w = _project(k, wt, wtl, SPLIT, PROJ_PREC)
         if SOFTMAX:
             w = w - half_c2 * tl.sum(k * k, 1)[:, None]
-            w = tl.where(tl.arange(0, M_PAD)[None, :] < m, w, NEG_INF)
+            w = tl.where(tl.arange(0, M_BLOCK)[None, :] < m, w, NEG_INF)
         return w
 
     @triton.jit
@@ -167,9 +180,9 @@ if REGISTERED:
         return tl.where(visible, r, NEG_INF)
 
     @triton.jit
-    def _key_features(w, ref, visible, m, SOFTMAX: tl.constexpr, M_PAD: tl.constexpr):
+    def _key_features(w, ref, visible, m, SOFTMAX: tl.constexpr, M_BLOCK: tl.constexpr):
         """phi_k = exp(w - ref) per row (softmax) or relu(w) + eps; zero for hidden keys and padding."""
-        keep = visible[:, None] & (tl.arange(0, M_PAD)[None, :] < m)
+        keep = visible[:, None] & (tl.arange(0, M_BLOCK)[None, :] < m)
         if SOFTMAX:
             keep = keep & (ref != NEG_INF)[:, None]
             phi = tl.exp(tl.where(keep, w - tl.where(ref != NEG_INF, ref, 0.0)[:, None], NEG_INF))
@@ -178,18 +191,21 @@ if REGISTERED:
         return phi
 
     @triton.jit
-    def _query_features(u, shift, m, SOFTMAX: tl.constexpr, M_PAD: tl.constexpr):
-        keep = tl.arange(0, M_PAD)[None, :] < m
+    def _query_features(u, shift, m, SOFTMAX: tl.constexpr, M_BLOCK: tl.constexpr):
+        keep = tl.arange(0, M_BLOCK)[None, :] < m
         if SOFTMAX:
             return tl.where(keep, tl.exp(u - shift[:, None]), 0.0)
         return tl.where(keep, tl.maximum(u, 0.0) + _EPS, 0.0)
 
     @triton.jit
-    def _query_shift(u, lam, m, M_PAD: tl.constexpr):
-        """max(max_j (u_j + lam_j), max_j u_j - span) per row (see favor_kernel.h): den >= 1 when the
-        first term wins, and phi_q <= e^span always."""
-        u = tl.where(tl.arange(0, M_PAD)[None, :] < m, u, NEG_INF)
-        return tl.maximum(tl.max(u + lam, 1), tl.max(u, 1) - _SPAN)
+    def _shift_step(u, lam, m, best, top, M_BLOCK: tl.constexpr):
+        """One feature block of the query shift max(max_j (u_j + lam_j), max_j u_j - span) per row (see
+        favor_kernel.h: den >= 1 when the first term wins, and phi_q <= e^span always), as running
+        maxima over the blocks: (best, top, shift) with this block."""
+        u = tl.where(tl.arange(0, M_BLOCK)[None, :] < m, u, NEG_INF)
+        best = tl.maximum(best, tl.max(u + lam, 1))
+        top = tl.maximum(top, tl.max(u, 1))
+        return best, top, tl.maximum(best, top - _SPAN)
 
     @triton.jit
     def _causal_weights(ms, BLOCK: tl.constexpr):
@@ -216,36 +232,38 @@ if REGISTERED:
         S, E, Ev, m, Hk, half_c2, blocks_per_split, n_split,
         skb, skh, sks, ske, svb, svh, svs, sve, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
-        """Partial [S, z] of keys [split * blocks_per_split * BLOCK, ...) of kv head (b, hk), relative to
-        the segment's own maximum (written to pmax)."""
+        """Rows [j0, j0 + M_BLOCK) of the partial [S, z] of keys [split * blocks_per_split * BLOCK, ...) of
+        kv head (b, hk), relative to the maximum of their logits over those keys (written to pmax)."""
         split = tl.program_id(0)
         bh = tl.program_id(1)
+        j0 = tl.program_id(2) * M_BLOCK
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
-        acc = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
-        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        acc = tl.zeros((M_BLOCK, EV_PAD), dtype=tl.float32)
+        z = tl.zeros((M_BLOCK,), dtype=tl.float32)
         run = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
         first = split * blocks_per_split
         last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK))
         for blk in range(first, last):
             s0 = blk * BLOCK
-            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
-            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)   # per chunk: see _causal_dkv_kernel
+            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
             k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
             visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
-            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
+            w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
             new = tl.maximum(run, tl.max(_key_row_max(w, visible, SOFTMAX), 0))
             alpha = _exp_rel(run, new)
-            phi = _key_features(w, tl.zeros((BLOCK,), tl.float32) + new, visible, m, SOFTMAX, M_PAD)
+            phi = _key_features(w, tl.zeros((BLOCK,), tl.float32) + new, visible, m - j0, SOFTMAX, M_BLOCK)
             acc = acc * alpha + tl.dot(tl.trans(phi), v, input_precision=PREC)
             z = z * alpha + tl.sum(phi, 0)
             run = new
         out = bh.to(tl.int64) * n_split + split
-        _store_state(part_ptr, out * m * (Ev + 1), acc, z, m, Ev, M_PAD, EV_PAD)
-        tl.store(pmax_ptr + out, run)
+        _store_state(part_ptr, (out * m + j0) * (Ev + 1), acc, z, m - j0, Ev, M_BLOCK, EV_PAD)
+        tl.store(pmax_ptr + out * tl.num_programs(2) + tl.program_id(2), run)
 
     @triton.jit
     def _bidir_out_kernel(
@@ -253,26 +271,37 @@ if REGISTERED:
         L, E, Ev, m, H, Hk, groups,
         sqb, sqh, sql, sqe,
         SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
-        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
     ):
-        """out, den and query shifts of queries [pid * BLOCK, ...) of head (b, h) from the final [S, z]."""
+        """out, den and query shifts of queries [pid * BLOCK, ...) of head (b, h) from the final [S, z],
+        feature block by feature block. The query shift is a running maximum over the blocks
+        (_shift_step), and what is summed so far is rescaled when it grows."""
         t0 = tl.program_id(0) * BLOCK
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
-        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
-        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
-        S, z = _load_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
+        base = (b * Hk + hk) * m * (Ev + 1)
         q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
-        u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
-        if SOFTMAX:
-            shift = _query_shift(u, _log_pos(z)[None, :], m, M_PAD)
-        else:
-            shift = tl.zeros((BLOCK,), tl.float32)
-        phi = _query_features(u, shift, m, SOFTMAX, M_PAD)
-        num = tl.dot(phi, S, input_precision=PREC)
-        den = tl.sum(phi * z[None, :], 1)
+        num = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
+        den = tl.zeros((BLOCK,), dtype=tl.float32)
+        shift = tl.zeros((BLOCK,), dtype=tl.float32)
+        best = tl.full((BLOCK,), NEG_INF, tl.float32)   # max_j (u_j + log z_j) so far
+        top = tl.full((BLOCK,), NEG_INF, tl.float32)    # max_j u_j so far
+        for j0 in range(0, m, M_BLOCK):
+            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            if SOFTMAX:
+                best, top, new = _shift_step(u, _log_pos(z)[None, :], m - j0, best, top, M_BLOCK)
+                alpha = tl.where(j0 > 0, tl.exp(shift - new), 0.0)
+                num = num * alpha[:, None]
+                den = den * alpha
+                shift = new
+            phi = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
+            num += tl.dot(phi, S, input_precision=PREC)
+            den += tl.sum(phi * z[None, :], 1)
         ok = den >= _MIN_DEN
         row = bh.to(tl.int64) * L
         _store_rows(out_ptr, row * Ev, tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0), t0, L, Ev,
@@ -282,25 +311,52 @@ if REGISTERED:
         tl.store(qs_ptr + row + rows, shift, mask=rows < L)
 
     @triton.jit
+    def _causal_key_maxima(k, visible, w_ptr, wl_ptr, half_c2, E, m, m_prev, SOFTMAX: tl.constexpr,
+                           SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                           M_BLOCK: tl.constexpr):
+        """The running maximum m_s of the key logits over all features, for the chunk's keys (a
+        first pass over the feature blocks; relu: 0), from m_prev, that before the chunk."""
+        top = tl.full((BLOCK,), NEG_INF, tl.float32)
+        if SOFTMAX:
+            for j0 in range(0, m, M_BLOCK):
+                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                top = tl.maximum(top, tl.max(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC,
+                                                         M_BLOCK), 1))
+        else:
+            top = tl.zeros((BLOCK,), tl.float32)
+        return tl.maximum(tl.associative_scan(tl.where(visible, top, NEG_INF), 0, _max_combine), m_prev)
+
+    @triton.jit
+    def _carry_state(work_ptr, base, S, z, phik, v, keep, later, m, Ev, PREC: tl.constexpr, M_BLOCK: tl.constexpr,
+                     EV_PAD: tl.constexpr):
+        """Rewrites a block of the causal state [S, z] (read from base), carried past the chunk: the
+        old state times keep plus the chunk's keys, phi_k(s) scaled by later[s], all relative to the
+        running maximum at the chunk's end. The barrier: every thread has read the block."""
+        scaled = phik * later[:, None]
+        tl.debug_barrier()
+        _store_state(work_ptr, base, S * keep + tl.dot(tl.trans(scaled), v, input_precision=PREC),
+                     z * keep + tl.sum(scaled, 0), m, Ev, M_BLOCK, EV_PAD)
+
+    @triton.jit
     def _causal_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, state_ptr,
+        q_ptr, k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, work_ptr,
         L, E, Ev, m, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
-        """Causal FAVOR+ of query head (b, h), chunk by chunk. The first head of each kv group also
-        writes the key shifts (running maxima) and the final state."""
+        """Causal FAVOR+ of query head (b, h), chunk by chunk. The state [S, z] of the keys before the
+        chunk (relative to their running maximum) lives in this program's zeroed (m, Ev + 1) rows of
+        work_ptr, read and rewritten a feature block at a time; it is the final state at the end.
+        The first head of each kv group also writes the key shifts (running maxima)."""
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
-        leader = (h % groups) == 0
-        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
-        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
-        key_rows = tl.where(leader, L, 0)          # rows of key shifts this program writes
-        S = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
-        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        key_rows = tl.where((h % groups) == 0, L, 0)   # rows of key shifts this program writes
+        work = bh.to(tl.int64) * m * (Ev + 1)
         m_prev = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
         rows = tl.arange(0, BLOCK)
         row = bh.to(tl.int64) * L
@@ -310,38 +366,54 @@ if REGISTERED:
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
             visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
-            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
-            ms = tl.maximum(tl.associative_scan(_key_row_max(w, visible, SOFTMAX), 0, _max_combine), m_prev)
-            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
-            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
-            inter = _exp_rel(m_prev, ms)                     # e^{Mprev - m_t}
-            if SOFTMAX:
-                # lam_t = max(log z + Mprev - m_t, w_t - m_t): the earlier state and key t itself.
-                off = tl.where(ms != NEG_INF, m_prev - tl.where(ms != NEG_INF, ms, 0.0), NEG_INF)
-                from_key = tl.where((visible & (ms != NEG_INF))[:, None],
-                                    w - tl.where(ms != NEG_INF, ms, 0.0)[:, None], NEG_INF)
-                shift = _query_shift(u, tl.maximum(_log_pos(z)[None, :] + off[:, None], from_key), m, M_PAD)
-            else:
-                shift = tl.zeros((BLOCK,), tl.float32)
-            phiq = _query_features(u, shift, m, SOFTMAX, M_PAD)
-            a = tl.dot(phiq, tl.trans(phik), input_precision=PREC) * _causal_weights(ms, BLOCK)
-            num = tl.dot(a, v, input_precision=PREC) + inter[:, None] * tl.dot(phiq, S, input_precision=PREC)
-            den = tl.sum(a, 1) + inter * tl.sum(phiq * z[None, :], 1)
+            ms = _causal_key_maxima(k, visible, w_ptr, wl_ptr, half_c2, E, m, m_prev, SOFTMAX, SPLIT, PROJ_PREC,
+                                    E_PAD, BLOCK, M_BLOCK)
+            safe_ms = tl.where(ms != NEG_INF, ms, 0.0)
+            off = tl.where(ms != NEG_INF, m_prev - safe_ms, NEG_INF)   # log e^{Mprev - m_t}
+            m_end = tl.max(ms, 0)
+            keep = _exp_rel(m_prev, m_end)                             # the state, to the chunk's end
+            later = _exp_rel(ms, tl.zeros_like(ms) + m_end)            # key s, to the chunk's end
+            a = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)             # phi_q phi_k^T
+            num = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)          # phi_q S
+            den = tl.zeros((BLOCK,), dtype=tl.float32)                 # phi_q z
+            shift = tl.zeros((BLOCK,), dtype=tl.float32)
+            best = tl.full((BLOCK,), NEG_INF, tl.float32)
+            top = tl.full((BLOCK,), NEG_INF, tl.float32)
+            for j0 in range(0, m, M_BLOCK):
+                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
+                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+                if SOFTMAX:
+                    # lam_t = max(log z + Mprev - m_t, w_t - m_t): the earlier state and key t itself.
+                    from_key = tl.where((visible & (ms != NEG_INF))[:, None], w - safe_ms[:, None], NEG_INF)
+                    best, top, new = _shift_step(u, tl.maximum(_log_pos(z)[None, :] + off[:, None], from_key),
+                                                 m - j0, best, top, M_BLOCK)
+                    alpha = tl.where(j0 > 0, tl.exp(shift - new), 0.0)
+                    a = a * alpha[:, None]
+                    num = num * alpha[:, None]
+                    den = den * alpha
+                    shift = new
+                phiq = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
+                a += tl.dot(phiq, tl.trans(phik), input_precision=PREC)
+                num += tl.dot(phiq, S, input_precision=PREC)
+                den += tl.sum(phiq * z[None, :], 1)
+                _carry_state(work_ptr, work + j0 * (Ev + 1), S, z, phik, v, keep, later, m - j0, Ev, PREC,
+                             M_BLOCK, EV_PAD)
+            a = a * _causal_weights(ms, BLOCK)
+            inter = _exp_rel(m_prev, ms)                                # e^{Mprev - m_t}
+            num = tl.dot(a, v, input_precision=PREC) + inter[:, None] * num
+            den = tl.sum(a, 1) + inter * den
             ok = den >= _MIN_DEN
             _store_rows(out_ptr, row * Ev, tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0), t0, L,
                         Ev, BLOCK, EV_PAD)
             tl.store(den_ptr + row + t0 + rows, tl.where(ok, den, 0.0), mask=t0 + rows < L)
             tl.store(qs_ptr + row + t0 + rows, shift, mask=t0 + rows < L)
             tl.store(ks_ptr + krow + t0 + rows, ms, mask=t0 + rows < key_rows)
-            # Carry [S, z] past this chunk, relative to the running maximum at its end.
-            m_end = tl.max(ms, 0)
-            keep = _exp_rel(m_prev, m_end)
-            scaled = phik * _exp_rel(ms, tl.zeros_like(ms) + m_end)[:, None]
-            S = S * keep + tl.dot(tl.trans(scaled), v, input_precision=PREC)
-            z = z * keep + tl.sum(scaled, 0)
             m_prev = m_end
-        if leader:
-            _store_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), S, z, m, Ev, M_PAD, EV_PAD)
+            tl.debug_barrier()   # the next chunk reads the state rows other threads wrote
 
     # ---- backward -----------------------------------------------------------------------------
 
@@ -375,37 +447,66 @@ if REGISTERED:
 
     @triton.jit
     def _bidir_dq_kernel(
-        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, state_ptr, dq_ptr, dpart_ptr,
-        L, E, Ev, m, H, Hk, groups, blocks_per_split, n_split,
+        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, state_ptr, dq_ptr,
+        L, E, Ev, m, H, Hk, groups,
         sqb, sqh, sql, sqe, sgb, sgh, sgl, sge,
         SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
-        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
     ):
-        """dq of a segment of head (b, h)'s queries, and the segment's part of [dS, dz]."""
-        split = tl.program_id(0)
+        """dq of queries [pid * BLOCK, ...) of head (b, h), summed over the feature blocks."""
+        t0 = tl.program_id(0) * BLOCK
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
         row = bh.to(tl.int64) * L
-        S, z = _load_state(state_ptr, (b * Hk + hk) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
-        dS = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
-        dz = tl.zeros((M_PAD,), dtype=tl.float32)
+        base = (b * Hk + hk) * m * (Ev + 1)
+        q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+        shift = _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0)
+        gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
+        dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
+        for j0 in range(0, m, M_BLOCK):
+            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            phi = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
+            dphi = tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :]
+            dq += _query_grads(dphi, phi, u, wt, SOFTMAX, PROJ_PREC)
+        _store_rows(dq_ptr, row * E, dq, t0, L, E, BLOCK, E_PAD)
+
+    @triton.jit
+    def _bidir_dstate_kernel(
+        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, dpart_ptr,
+        L, E, Ev, m, H, blocks_per_split, n_split,
+        sqb, sqh, sql, sqe, sgb, sgh, sgl, sge,
+        SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
+        BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
+    ):
+        """Rows [j0, j0 + M_BLOCK) of a segment of head (b, h)'s queries' part of [dS, dz], the gradient
+        with respect to the state: phi_q^T [gq, -beta]."""
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        j0 = tl.program_id(2) * M_BLOCK
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        row = bh.to(tl.int64) * L
+        dS = tl.zeros((M_BLOCK, EV_PAD), dtype=tl.float32)
+        dz = tl.zeros((M_BLOCK,), dtype=tl.float32)
         first = split * blocks_per_split
         last = tl.minimum(first + blocks_per_split, tl.cdiv(L, BLOCK))
         for blk in range(first, last):
             t0 = blk * BLOCK
-            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
-            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
+            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)   # per chunk: see _causal_dkv_kernel
+            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
             u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
-            phi = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+            phi = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m - j0, SOFTMAX, M_BLOCK)
             gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
-            dphi = tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :]
-            _store_rows(dq_ptr, row * E, _query_grads(dphi, phi, u, wt, SOFTMAX, PROJ_PREC), t0, L, E, BLOCK, E_PAD)
             dS += tl.dot(tl.trans(phi), gq, input_precision=PREC)
             dz -= tl.sum(phi * beta[:, None], 0)
-        _store_state(dpart_ptr, (bh.to(tl.int64) * n_split + split) * m * (Ev + 1), dS, dz, m, Ev, M_PAD, EV_PAD)
+        _store_state(dpart_ptr, ((bh.to(tl.int64) * n_split + split) * m + j0) * (Ev + 1), dS, dz, m - j0, Ev,
+                     M_BLOCK, EV_PAD)
 
     @triton.jit
     def _bidir_dkv_kernel(
@@ -413,94 +514,106 @@ if REGISTERED:
         S, E, Ev, m, Hk, half_c2,
         skb, skh, sks, ske, svb, svh, svs, sve, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
-        """dk, dv of keys [pid * BLOCK, ...) of kv head (b, hk) from the complete [dS, dz]."""
+        """dk, dv of keys [pid * BLOCK, ...) of kv head (b, hk) from the complete [dS, dz], summed over
+        the feature blocks."""
         s0 = tl.program_id(0) * BLOCK
         bh = tl.program_id(1)
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
         krow = bh.to(tl.int64) * S
-        wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
-        wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
-        dS, dz = _load_state(dstate_ptr, bh.to(tl.int64) * m * (Ev + 1), m, Ev, M_PAD, EV_PAD)
         k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
         v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
         visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
-        w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
-        phi = _key_features(w, _load_vec(ks_ptr, krow, s0, S, BLOCK, NEG_INF), visible, m, SOFTMAX, M_PAD)
-        dphi = tl.dot(v, tl.trans(dS), input_precision=PREC) + dz[None, :]
-        _store_rows(dv_ptr, krow * Ev, tl.dot(phi, dS, input_precision=PREC), s0, S, Ev, BLOCK, EV_PAD)
-        _store_rows(dk_ptr, krow * E, _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC),
-                    s0, S, E, BLOCK, E_PAD)
+        ref = _load_vec(ks_ptr, krow, s0, S, BLOCK, NEG_INF)
+        dk = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
+        dv = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
+        for j0 in range(0, m, M_BLOCK):
+            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            dS, dz = _load_state(dstate_ptr, (bh.to(tl.int64) * m + j0) * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+            w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+            phi = _key_features(w, ref, visible, m - j0, SOFTMAX, M_BLOCK)
+            dphi = tl.dot(v, tl.trans(dS), input_precision=PREC) + dz[None, :]
+            dv += tl.dot(phi, dS, input_precision=PREC)
+            dk += _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+        _store_rows(dv_ptr, krow * Ev, dv, s0, S, Ev, BLOCK, EV_PAD)
+        _store_rows(dk_ptr, krow * E, dk, s0, S, E, BLOCK, E_PAD)
 
     @triton.jit
     def _causal_dq_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dq_ptr, work_ptr,
         L, E, Ev, m, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
-        """dq of query head (b, h): a forward sweep that rebuilds the state chunk by chunk."""
+        """dq of query head (b, h): a forward sweep that rebuilds the state chunk by chunk, in this
+        program's zeroed (m, Ev + 1) rows of work_ptr as in _causal_fwd_kernel."""
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
         row = bh.to(tl.int64) * L
         krow = (b * Hk + hk) * L
-        S = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
-        z = tl.zeros((M_PAD,), dtype=tl.float32)
+        work = bh.to(tl.int64) * m * (Ev + 1)
         m_prev = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
         for t0 in range(0, L, BLOCK):
-            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)   # per chunk: see _causal_dkv_kernel
-            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
             k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, t0, L, E, BLOCK, E_PAD)
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
             visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
             ms = _load_vec(ks_ptr, krow, t0, L, BLOCK, NEG_INF)
-            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
-            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
-            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
-            phiq = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+            shift = _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0)
             gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
             inter = _exp_rel(m_prev, ms)
             da = (tl.dot(gq, tl.trans(v), input_precision=PREC) - beta[:, None]) * _causal_weights(ms, BLOCK)
-            dphi = tl.dot(da, phik, input_precision=PREC) + inter[:, None] * (
-                tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :])
-            _store_rows(dq_ptr, row * E, _query_grads(dphi, phiq, u, wt, SOFTMAX, PROJ_PREC), t0, L, E, BLOCK, E_PAD)
             m_end = tl.maximum(tl.max(ms, 0), m_prev)
             keep = _exp_rel(m_prev, m_end)
-            scaled = phik * _exp_rel(ms, tl.zeros_like(ms) + m_end)[:, None]
-            S = S * keep + tl.dot(tl.trans(scaled), v, input_precision=PREC)
-            z = z * keep + tl.sum(scaled, 0)
+            later = _exp_rel(ms, tl.zeros_like(ms) + m_end)
+            dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
+            for j0 in range(0, m, M_BLOCK):
+                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
+                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+                phiq = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
+                dphi = tl.dot(da, phik, input_precision=PREC) + inter[:, None] * (
+                    tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :])
+                dq += _query_grads(dphi, phiq, u, wt, SOFTMAX, PROJ_PREC)
+                _carry_state(work_ptr, work + j0 * (Ev + 1), S, z, phik, v, keep, later, m - j0, Ev, PREC,
+                             M_BLOCK, EV_PAD)
+            _store_rows(dq_ptr, row * E, dq, t0, L, E, BLOCK, E_PAD)
             m_prev = m_end
+            tl.debug_barrier()   # the next chunk reads the state rows other threads wrote
 
     @triton.jit
     def _causal_dkv_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dk_ptr, dv_ptr, work_ptr,
         L, E, Ev, m, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+        M_BLOCK: tl.constexpr,
     ):
         """dk, dv of kv head (b, hk): a reverse sweep over chunks carrying [P, p], the sum over later
         queries (of every head in the group) of e^{Mc - m_t} phi_q(t) [gq_t, -beta_t], relative to Mc,
-        the running maximum at the end of the chunk in hand."""
+        the running maximum at the end of the chunk in hand; in this program's zeroed (m, Ev + 1)
+        rows of work_ptr. Per chunk, a first pass over the feature blocks gives the intra-chunk
+        weights phi_q phi_k^T (for dv), a second the rest, block by block."""
         bh = tl.program_id(0)
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
         krow = bh.to(tl.int64) * L
-        P = tl.zeros((M_PAD, EV_PAD), dtype=tl.float32)
-        p = tl.zeros((M_PAD,), dtype=tl.float32)
+        work = bh.to(tl.int64) * m * (Ev + 1)
         n_chunks = tl.cdiv(L, BLOCK)
         for i in range(0, n_chunks):
             t0 = (n_chunks - 1 - i) * BLOCK
-            # Features read per chunk (from L2), not held across the loop: the loop-long copy
-            # pushes this kernel past the 227 KiB of shared memory at m = 256.
-            wt = _features_t(w_ptr, E, m, E_PAD, M_PAD)
-            wtl = _features_t(wl_ptr, E, m, E_PAD, M_PAD)
             k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, t0, L, E, BLOCK, E_PAD)
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
             visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
@@ -508,34 +621,58 @@ if REGISTERED:
             # The running maximum before the chunk (-inf for the first) and at its end.
             m_prev = tl.where(t0 > 0, tl.load(ks_ptr + krow + tl.maximum(t0 - 1, 0)), NEG_INF)
             m_end = tl.max(ms, 0)
-            w = _key_logits(k, wt, wtl, half_c2, m, SOFTMAX, SPLIT, PROJ_PREC, M_PAD)
-            phik = _key_features(w, ms, visible, m, SOFTMAX, M_PAD)
             causal = _causal_weights(ms, BLOCK)
-            # Later chunks: e^{m_s - Mc} (P v_s + p) and e^{m_s - Mc} P^T phi_k(s).
-            later = _exp_rel(ms, tl.zeros_like(ms) + m_end)
-            dphik = later[:, None] * (tl.dot(v, tl.trans(P), input_precision=PREC) + p[None, :])
-            dv = later[:, None] * tl.dot(phik, P, input_precision=PREC)
+            later = _exp_rel(ms, tl.zeros_like(ms) + m_end)   # key s, from the chunk's end
             to_prev = _exp_rel(m_prev, ms)       # e^{Mprev - m_t}: this chunk's queries, for earlier keys
-            P = P * _exp_rel(m_prev, m_end)
-            p = p * _exp_rel(m_prev, m_end)
-            for j in range(0, groups):
+            back = _exp_rel(m_prev, m_end)       # [P, p], from the chunk's end to its start
+            dv = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
+            dk = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
+            for j in range(0, groups):           # intra-chunk: dv += a^T gq per query head
                 h = hk * groups + j
                 row = (b * H + h) * L
                 q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
-                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
-                phiq = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m, SOFTMAX, M_PAD)
+                shift = _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0)
+                a = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+                for j0 in range(0, m, M_BLOCK):
+                    wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                    wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                    phik = _key_features(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK),
+                                         ms, visible, m - j0, SOFTMAX, M_BLOCK)
+                    phiq = _query_features(_project(q, wt, wtl, SPLIT, PROJ_PREC), shift, m - j0, SOFTMAX, M_BLOCK)
+                    a += tl.dot(phiq, tl.trans(phik), input_precision=PREC)
                 gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK,
                                       EV_PAD)
-                a = tl.dot(phiq, tl.trans(phik), input_precision=PREC) * causal
-                da = (tl.dot(gq, tl.trans(v), input_precision=PREC) - beta[:, None]) * causal
-                dphik += tl.dot(tl.trans(da), phiq, input_precision=PREC)
-                dv += tl.dot(tl.trans(a), gq, input_precision=PREC)
-                scaled = phiq * to_prev[:, None]
-                P += tl.dot(tl.trans(scaled), gq, input_precision=PREC)
-                p -= tl.sum(scaled * beta[:, None], 0)
+                dv += tl.dot(tl.trans(a * causal), gq, input_precision=PREC)
+            for j0 in range(0, m, M_BLOCK):
+                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                P, p = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
+                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
+                # Later chunks: e^{m_s - Mc} (P v_s + p) and e^{m_s - Mc} P^T phi_k(s).
+                dphik = later[:, None] * (tl.dot(v, tl.trans(P), input_precision=PREC) + p[None, :])
+                dv += later[:, None] * tl.dot(phik, P, input_precision=PREC)
+                P = P * back
+                p = p * back
+                for j in range(0, groups):
+                    h = hk * groups + j
+                    row = (b * H + h) * L
+                    q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
+                    phiq = _query_features(_project(q, wt, wtl, SPLIT, PROJ_PREC),
+                                           _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m - j0, SOFTMAX, M_BLOCK)
+                    gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK,
+                                          EV_PAD)
+                    da = (tl.dot(gq, tl.trans(v), input_precision=PREC) - beta[:, None]) * causal
+                    dphik += tl.dot(tl.trans(da), phiq, input_precision=PREC)
+                    scaled = phiq * to_prev[:, None]
+                    P += tl.dot(tl.trans(scaled), gq, input_precision=PREC)
+                    p -= tl.sum(scaled * beta[:, None], 0)
+                dk += _key_grads(dphik, phik, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+                tl.debug_barrier()   # every thread has read this block of [P, p]
+                _store_state(work_ptr, work + j0 * (Ev + 1), P, p, m - j0, Ev, M_BLOCK, EV_PAD)
             _store_rows(dv_ptr, krow * Ev, dv, t0, L, Ev, BLOCK, EV_PAD)
-            _store_rows(dk_ptr, krow * E, _key_grads(dphik, phik, w, k, wt, half_c2, visible, SOFTMAX, PREC,
-                                                     PROJ_PREC), t0, L, E, BLOCK, E_PAD)
+            _store_rows(dk_ptr, krow * E, dk, t0, L, E, BLOCK, E_PAD)
+            tl.debug_barrier()   # the next chunk reads the rows other threads wrote
 
 
 # ---- launches -------------------------------------------------------------------------------------
@@ -547,7 +684,7 @@ def _strides(t: torch.Tensor) -> tuple:
 class _Launch:
     """Sizes, tiles and the common kernel arguments of one call."""
 
-    def __init__(self, q, k, v, features, key_padding_mask, scale, kernel):
+    def __init__(self, q, k, v, features, key_padding_mask, scale, causal, kernel):
         self.B, self.H, self.L, self.E = q.shape
         self.Hk, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
         self.m = features.shape[0]
@@ -564,15 +701,20 @@ class _Launch:
         self.mask = (key_padding_mask.to(torch.int8) if key_padding_mask is not None
                      else torch.zeros(1, dtype=torch.int8, device=q.device))
         self.mask_stride = self.mask.stride(0) if key_padding_mask is not None else 0
-        pads = dict(E_PAD=_pad(self.E), EV_PAD=_pad(self.Ev), M_PAD=_pad(self.m))
-        tile = pads["M_PAD"] * max(pads["E_PAD"], pads["EV_PAD"])
-        # Rows per chunk: 16, the smallest tile of a tensor-core product. Register and shared-memory
-        # use grow with BLOCK x m (features) on top of the m x Ev state; compiled for sm_90 at
-        # m = 256, E = Ev = 64, 32 or 64 rows spill several KiB per thread, 16 rows little.
+        pads = dict(E_PAD=_pad(self.E), EV_PAD=_pad(self.Ev))
+        self.m_block = min(_pad(self.m), feature_block(self.E, self.Ev, causal))
+        self.m_blocks = triton.cdiv(self.m, self.m_block)
+        # Rows per chunk: 16, the smallest tile of a tensor-core product (registers go to the
+        # BLOCK x M_BLOCK feature tiles and, causal, the BLOCK x BLOCK chunk products).
         block = 16
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        self.meta = dict(SOFTMAX=self.softmax, SPLIT=split, PREC=prec, PROJ_PREC=prec, BLOCK=block, **pads)
-        self.launch = dict() if INTERPRET else dict(num_warps=8 if tile > 64 * 64 else 4)
+        self.meta = dict(SOFTMAX=self.softmax, SPLIT=split, PREC=prec, PROJ_PREC=prec, BLOCK=block,
+                         M_BLOCK=self.m_block, **pads)
+        # Warps by the features x head tile a program holds (causal: 8, for all it holds beside it).
+        # The kernels loop over feature blocks with two pipeline stages: compiled for sm_90 at
+        # m = 256, E = 128 or 256, three stages take 190-215 KiB of shared memory, two 110-180 KiB.
+        tile = self.m_block * max(pads["E_PAD"], pads["EV_PAD"])
+        self.launch = {} if INTERPRET else dict(num_warps=8 if causal or tile > 64 * 64 else 4, num_stages=2)
         self.device = q.device
 
     def splits(self, n: int, programs: int) -> tuple[int, int]:
@@ -595,7 +737,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
                   kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     opdef.check_forward(q, k, v, features, key_padding_mask, causal, kernel, "triton_favor_forward",
                         SUPPORTED_DTYPES)
-    x = _Launch(q, k, v, features, key_padding_mask, scale, kernel)
+    x = _Launch(q, k, v, features, key_padding_mask, scale, causal, kernel)
     B, H, L, Hk, S, Ev, m = x.B, x.H, x.L, x.Hk, x.S, x.Ev, x.m
     f32 = dict(dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
@@ -605,21 +747,25 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
     state = torch.zeros(B, Hk, m, Ev + 1, **f32)
     if causal:
         if L > 0:
-            x.run(_causal_fwd_kernel, (B * H,), q, k, v, x.wc, x.wc_lo, x.mask, out, den, qshift, kshift, state,
+            work = torch.zeros(B, Hk, x.groups, m, Ev + 1, **f32)   # each query head's [S, z]
+            x.run(_causal_fwd_kernel, (B * H,), q, k, v, x.wc, x.wc_lo, x.mask, out, den, qshift, kshift, work,
                   L, x.E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v), x.mask_stride,
                   HAS_MASK=key_padding_mask is not None)
+            state = work[:, :, 0].contiguous()
         return out, state, den, qshift, kshift
     if S > 0:
-        per, n_split = x.splits(S, B * Hk)
+        per, n_split = x.splits(S, B * Hk * x.m_blocks)
         part = torch.empty(B * Hk, n_split, m, Ev + 1, **f32)
-        pmax = torch.empty(B * Hk, n_split, **f32)
-        x.run(_bidir_state_kernel, (n_split, B * Hk), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
+        pmax = torch.empty(B * Hk, n_split, x.m_blocks, **f32)
+        x.run(_bidir_state_kernel, (n_split, B * Hk, x.m_blocks), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
               S, x.E, Ev, m, Hk, x.half_c2, per, n_split, *_strides(k), *_strides(v), x.mask_stride,
               HAS_MASK=key_padding_mask is not None)
-        top = pmax.amax(dim=1, keepdim=True)
+        # Each (segment, feature block) relative to its own maximum: rescaled to the largest, summed.
+        top = pmax.amax(dim=(1, 2), keepdim=True)
         finite = top != float("-inf")
         factor = torch.where(finite, torch.exp(pmax - torch.where(finite, top, 0.0)), 0.0)
-        state = (part * factor[..., None, None]).sum(dim=1).view(B, Hk, m, Ev + 1)
+        factor = factor.repeat_interleave(x.m_block, dim=2)[..., :m]
+        state = (part * factor[..., None]).sum(dim=1).view(B, Hk, m, Ev + 1)
         kshift = top.view(B, Hk, 1).expand(B, Hk, S).contiguous()
     if L > 0:
         x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]), B * H), q, x.wc, x.wc_lo, state, out, den, qshift,
@@ -631,7 +777,7 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, state: torch.Tensor, den: torch.Tensor,
                    query_shift: torch.Tensor, key_shift: torch.Tensor, scale: float, causal: bool,
                    kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = _Launch(q, k, v, features, key_padding_mask, scale, kernel)
+    x = _Launch(q, k, v, features, key_padding_mask, scale, causal, kernel)
     B, H, L, E, Hk, S, Ev, m = x.B, x.H, x.L, x.E, x.Hk, x.S, x.Ev, x.m
     new = torch.zeros if L == 0 or S == 0 else torch.empty
     dq = new(B, H, L, E, dtype=q.dtype, device=q.device)
@@ -644,15 +790,18 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if causal:
         common = (L, E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v),
                   *_strides(grad_out), x.mask_stride)
-        x.run(_causal_dq_kernel, (B * H,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask, dq,
-              *common, HAS_MASK=has_mask)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        x.run(_causal_dq_kernel, (B * H,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
+              dq, torch.zeros(B * H, m, Ev + 1, **f32), *common, HAS_MASK=has_mask)
         x.run(_causal_dkv_kernel, (B * Hk,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
-              dk, dv, *common, HAS_MASK=has_mask)
+              dk, dv, torch.zeros(B * Hk, m, Ev + 1, **f32), *common, HAS_MASK=has_mask)
         return dq, dk, dv
-    per, n_split = x.splits(L, B * H)
+    x.run(_bidir_dq_kernel, (triton.cdiv(L, x.meta["BLOCK"]), B * H), q, grad_out, out, den, query_shift, x.wc,
+          x.wc_lo, state, dq, L, E, Ev, m, H, Hk, x.groups, *_strides(q), *_strides(grad_out))
+    per, n_split = x.splits(L, B * H * x.m_blocks)
     dpart = torch.empty(B * H, n_split, m, Ev + 1, dtype=torch.float32, device=q.device)
-    x.run(_bidir_dq_kernel, (n_split, B * H), q, grad_out, out, den, query_shift, x.wc, x.wc_lo, state, dq, dpart,
-          L, E, Ev, m, H, Hk, x.groups, per, n_split, *_strides(q), *_strides(grad_out))
+    x.run(_bidir_dstate_kernel, (n_split, B * H, x.m_blocks), q, grad_out, out, den, query_shift, x.wc, x.wc_lo,
+          dpart, L, E, Ev, m, H, per, n_split, *_strides(q), *_strides(grad_out))
     dstate = dpart.view(B, Hk, x.groups * n_split, m, Ev + 1).sum(dim=2)
     x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]), B * Hk), k, v, x.wc, x.wc_lo, x.mask, dstate,
           key_shift.contiguous(), dk, dv,
