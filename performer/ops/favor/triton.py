@@ -710,9 +710,10 @@ class _Launch:
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         self.meta = dict(SOFTMAX=self.softmax, SPLIT=split, PREC=prec, PROJ_PREC=prec, BLOCK=block,
                          M_BLOCK=self.m_block, **pads)
-        # Warps by the features x head tile a program holds (causal: 8, for all it holds beside it).
-        # The kernels loop over feature blocks with two pipeline stages: compiled for sm_90 at
-        # m = 256, E = 128 or 256, three stages take 190-215 KiB of shared memory, two 110-180 KiB.
+        # Warps by the features x head tile a program holds; causal programs also hold q, k, v and the
+        # chunk's products, and take 8. The kernels loop over feature blocks with two pipeline
+        # stages: compiled for sm_90 at m = 256, E = 128 or 256, three stages take up to 215 KiB of
+        # shared memory, two up to 132 KiB (scripts/triton_sm90.py).
         tile = self.m_block * max(pads["E_PAD"], pads["EV_PAD"])
         self.launch = {} if INTERPRET else dict(num_warps=8 if causal or tile > 64 * 64 else 4, num_stages=2)
         self.device = q.device
