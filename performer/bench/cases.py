@@ -155,7 +155,7 @@ def plan_attention(spec: registry.AttentionSuite, lengths, dtypes, device: str) 
             for dt in dtypes for c in spec.causal for mode in spec.modes for L in lengths]
     plan = _plan("attention", _shape(spec), spec.impls, make, grid, dict(grid[0], L=16), device)
     if device == "cpu" and not plan.unavailable:
-        plan.cases.insert(0, peak_case("attention", registry.MATMUL.peak_tries))
+        plan.cases.insert(0, peak_case("attention"))
     return plan
 
 
@@ -169,15 +169,15 @@ def plan_matmul(spec: registry.MatmulSuite, square, dtypes, device: str, with_fa
     tiny = dict(grid[0], shape=registry.MatmulShape("tiny", 1, 8, 8, 8))
     plan = _plan("matmul", {"threads": torch.get_num_threads()}, spec.impls, make, grid, tiny, device)
     if device == "cpu" and not plan.unavailable:
-        plan.cases.insert(0, peak_case("matmul", spec.peak_tries))
+        plan.cases.insert(0, peak_case("matmul"))
     return plan
 
 
-def peak_case(suite: str, tries: tuple[int, float]) -> Case:
-    """The CPU's measured float32 FMA peak on torch's thread count: the best of tries[0] runs of
-    tries[1] seconds each (the first may find the cores cold)."""
+def peak_case(suite: str) -> Case:
+    """The CPU's measured float32 FMA peak on torch's thread count: the best of registry.PEAK_TRIES
+    (the first may find the cores cold)."""
     threads = torch.get_num_threads()
-    count, seconds = tries
+    count, seconds = registry.PEAK_TRIES
     return Case(suite, "peak", {"dtype": "float32", "threads": threads}, evaluate=lambda: {
         "gflops": max(torch.ops.performer.cpu_fma_peak_gflops(threads, seconds) for _ in range(count))})
 
