@@ -156,6 +156,41 @@ def test_fully_masked_rows_are_zero_with_finite_grads(causal):
     assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
 
 
+def test_causal_backward_finite_past_the_last_chunk():
+    """A key logit of 105 (a key along a long feature) in a sequence that ends inside a 16-row
+    chunk: the rows past the end must not turn the gradients into NaN (e^105 overflows float32)."""
+    g = torch.Generator().manual_seed(12)
+    E, m, L = 16, 16, 17
+    scale = E ** -0.5
+    w = performer.orthogonal_features(m, E, generator=g)
+    w[0] *= 14.5 / w[0].norm()                       # |W_0|^2 / 2 = 105
+    q, k, v = (torch.randn(1, 2, L, E, generator=g) for _ in range(3))
+    k[:, :, 3] = w[0] / scale ** 0.5                 # its logit: |W_0|^2 / 2
+    x = _to_device(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+    out = performer.favor_attention(*x, is_causal=True, scale=scale, features=_to_device(w)[0], backend="triton")
+    x64 = [t.detach().double().requires_grad_() for t in x]
+    ref = performer.favor_attention(*x64, is_causal=True, scale=scale, features=_to_device(w.double())[0],
+                                    backend="torch")
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *torch.autograd.grad(out, x, go.float())),
+                          (ref, *torch.autograd.grad(ref, x64, go))):
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_strided_key_padding_mask(causal):
+    """A (batch, S) mask that is a transposed (S, batch) tensor means what its values say."""
+    case = make_case(next(s for s in SPECS if s.id == "gqa_odd"), torch.float32, masked=True)
+    strided = case.key_padding_mask.t().contiguous().t()
+    assert not strided.is_contiguous()
+    q, k, v, w, mask, strided = _to_device(case.q, case.k, case.v, case.features, case.key_padding_mask, strided)
+    outs = [performer.favor_attention(q, k, v, is_causal=causal, features=w, key_padding_mask=m_, backend="triton")
+            for m_ in (mask, strided)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_opcheck(causal):
     case = make_case(next(s for s in SPECS if s.id == "gqa_odd"), torch.float32, masked=True)

@@ -209,11 +209,21 @@ if REGISTERED:
 
     @triton.jit
     def _causal_weights(ms, BLOCK: tl.constexpr):
-        """[t, s] = e^{m_s - m_t} for s <= t (0 above the diagonal and for keys with m_s = -inf)."""
+        """[t, s] = e^{m_s - m_t} for s <= t (0 above the diagonal and for keys with m_s = -inf). Rows with
+        m_t = -inf are zero too: past the sequence's end the backward reads m_t as -inf, and
+        e^{m_s - 0} there could overflow (inf times a zero gradient is NaN)."""
         rows = tl.arange(0, BLOCK)
-        keep = (rows[:, None] >= rows[None, :]) & (ms != NEG_INF)[None, :]
+        keep = (rows[:, None] >= rows[None, :]) & (ms != NEG_INF)[None, :] & (ms != NEG_INF)[:, None]
         safe = tl.where(ms != NEG_INF, ms, 0.0)
         return tl.where(keep, tl.exp(tl.where(keep, safe[None, :] - safe[:, None], 0.0)), 0.0)
+
+    @triton.jit
+    def _block_and_head(N, BLOCK: tl.constexpr):
+        """(first row, head) of a program of a grid of cdiv(N, BLOCK) x heads programs on axis 0 (the
+        other axes hold at most 65535), a head's row blocks side by side."""
+        blocks = tl.cdiv(N, BLOCK)
+        pid = tl.program_id(0)
+        return (pid % blocks) * BLOCK, pid // blocks
 
     @triton.jit
     def _visible(mask_ptr, mask_base, s0, S, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
@@ -237,8 +247,8 @@ if REGISTERED:
     ):
         """Rows [j0, j0 + M_BLOCK) of the partial [S, z] of keys [split * blocks_per_split * BLOCK, ...) of
         kv head (b, hk), relative to the maximum of their logits over those keys (written to pmax)."""
-        split = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
         j0 = tl.program_id(2) * M_BLOCK
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
@@ -276,8 +286,7 @@ if REGISTERED:
         """out, den and query shifts of queries [pid * BLOCK, ...) of head (b, h) from the final [S, z],
         feature block by feature block. The query shift is a running maximum over the blocks
         (_shift_step), and what is summed so far is rescaled when it grows."""
-        t0 = tl.program_id(0) * BLOCK
-        bh = tl.program_id(1)
+        t0, bh = _block_and_head(L, BLOCK)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
@@ -454,8 +463,7 @@ if REGISTERED:
         BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
     ):
         """dq of queries [pid * BLOCK, ...) of head (b, h), summed over the feature blocks."""
-        t0 = tl.program_id(0) * BLOCK
-        bh = tl.program_id(1)
+        t0, bh = _block_and_head(L, BLOCK)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
@@ -485,8 +493,8 @@ if REGISTERED:
     ):
         """Rows [j0, j0 + M_BLOCK) of a segment of head (b, h)'s queries' part of [dS, dz], the gradient
         with respect to the state: phi_q^T [gq, -beta]."""
-        split = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
         j0 = tl.program_id(2) * M_BLOCK
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
@@ -519,8 +527,7 @@ if REGISTERED:
     ):
         """dk, dv of keys [pid * BLOCK, ...) of kv head (b, hk) from the complete [dS, dz], summed over
         the feature blocks."""
-        s0 = tl.program_id(0) * BLOCK
-        bh = tl.program_id(1)
+        s0, bh = _block_and_head(S, BLOCK)
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
         krow = bh.to(tl.int64) * S
@@ -698,7 +705,7 @@ class _Launch:
         else:
             self.wc, self.wc_lo = wc, wc
         self.half_c2 = 0.5 * scale
-        self.mask = (key_padding_mask.to(torch.int8) if key_padding_mask is not None
+        self.mask = (key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None
                      else torch.zeros(1, dtype=torch.int8, device=q.device))
         self.mask_stride = self.mask.stride(0) if key_padding_mask is not None else 0
         pads = dict(E_PAD=_pad(self.E), EV_PAD=_pad(self.Ev))
@@ -758,7 +765,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
         per, n_split = x.splits(S, B * Hk * x.m_blocks)
         part = torch.empty(B * Hk, n_split, m, Ev + 1, **f32)
         pmax = torch.empty(B * Hk, n_split, x.m_blocks, **f32)
-        x.run(_bidir_state_kernel, (n_split, B * Hk, x.m_blocks), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
+        x.run(_bidir_state_kernel, (B * Hk, n_split, x.m_blocks), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
               S, x.E, Ev, m, Hk, x.half_c2, per, n_split, *_strides(k), *_strides(v), x.mask_stride,
               HAS_MASK=key_padding_mask is not None)
         # Each (segment, feature block) relative to its own maximum: rescaled to the largest, summed.
@@ -769,7 +776,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
         state = (part * factor[..., None]).sum(dim=1).view(B, Hk, m, Ev + 1)
         kshift = top.view(B, Hk, 1).expand(B, Hk, S).contiguous()
     if L > 0:
-        x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]), B * H), q, x.wc, x.wc_lo, state, out, den, qshift,
+        x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, x.wc, x.wc_lo, state, out, den, qshift,
               L, x.E, Ev, m, H, Hk, x.groups, *_strides(q))
     return out, state, den, qshift, kshift
 
@@ -797,14 +804,14 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         x.run(_causal_dkv_kernel, (B * Hk,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
               dk, dv, torch.zeros(B * Hk, m, Ev + 1, **f32), *common, HAS_MASK=has_mask)
         return dq, dk, dv
-    x.run(_bidir_dq_kernel, (triton.cdiv(L, x.meta["BLOCK"]), B * H), q, grad_out, out, den, query_shift, x.wc,
+    x.run(_bidir_dq_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, grad_out, out, den, query_shift, x.wc,
           x.wc_lo, state, dq, L, E, Ev, m, H, Hk, x.groups, *_strides(q), *_strides(grad_out))
     per, n_split = x.splits(L, B * H * x.m_blocks)
     dpart = torch.empty(B * H, n_split, m, Ev + 1, dtype=torch.float32, device=q.device)
-    x.run(_bidir_dstate_kernel, (n_split, B * H, x.m_blocks), q, grad_out, out, den, query_shift, x.wc, x.wc_lo,
+    x.run(_bidir_dstate_kernel, (B * H, n_split, x.m_blocks), q, grad_out, out, den, query_shift, x.wc, x.wc_lo,
           dpart, L, E, Ev, m, H, per, n_split, *_strides(q), *_strides(grad_out))
     dstate = dpart.view(B, Hk, x.groups * n_split, m, Ev + 1).sum(dim=2)
-    x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]), B * Hk), k, v, x.wc, x.wc_lo, x.mask, dstate,
+    x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]) * B * Hk,), k, v, x.wc, x.wc_lo, x.mask, dstate,
           key_shift.contiguous(), dk, dv,
           S, E, Ev, m, Hk, x.half_c2, *_strides(k), *_strides(v), x.mask_stride, HAS_MASK=has_mask)
     return dq, dk, dv
