@@ -794,7 +794,9 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if L == 0 or S == 0:
         return dq, dk, dv
     has_mask = key_padding_mask is not None
-    out = out.contiguous()
+    # The kernels read the saved statistics as contiguous rows (as the forward wrote them; the op
+    # may also be called with views).
+    out, state, den, query_shift, key_shift = (t.contiguous() for t in (out, state, den, query_shift, key_shift))
     if causal:
         common = (L, E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v),
                   *_strides(grad_out), x.mask_stride)
@@ -812,7 +814,7 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
           dpart, L, E, Ev, m, H, per, n_split, *_strides(q), *_strides(grad_out))
     dstate = dpart.view(B, Hk, x.groups * n_split, m, Ev + 1).sum(dim=2)
     x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]) * B * Hk,), k, v, x.wc, x.wc_lo, x.mask, dstate,
-          key_shift.contiguous(), dk, dv,
+          key_shift, dk, dv,
           S, E, Ev, m, Hk, x.half_c2, *_strides(k), *_strides(v), x.mask_stride, HAS_MASK=has_mask)
     return dq, dk, dv
 
