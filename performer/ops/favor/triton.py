@@ -126,12 +126,15 @@ if REGISTERED:
         tl.store(ptr + base + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _features_t(w_ptr, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr):
-        """Wc^T (or a block of its columns: w_ptr at the block's first row of Wc, m the rows from there
-        on) as an (E_PAD, M_BLOCK) float32 tile; zeros outside (E, m)."""
+    def _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr):
+        """Columns j0.. of Wc^T and of its low part (see _project) as (E_PAD, M_BLOCK) float32 tiles;
+        zeros outside (E, m). The kernels read them where they use them, every iteration (from L2):
+        a copy held across a loop would take shared memory for its whole length."""
         e = tl.arange(0, E_PAD)
         j = tl.arange(0, M_BLOCK)
-        return tl.load(w_ptr + e[:, None] + j[None, :] * E, mask=(e[:, None] < E) & (j[None, :] < m), other=0.0)
+        offs = j0 * E + e[:, None] + j[None, :] * E
+        mask = (e[:, None] < E) & (j[None, :] < m - j0)
+        return tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(wl_ptr + offs, mask=mask, other=0.0)
 
     @triton.jit
     def _load_state(state_ptr, base, m, Ev, M_BLOCK: tl.constexpr, EV_PAD: tl.constexpr):
@@ -259,8 +262,7 @@ if REGISTERED:
         last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK))
         for blk in range(first, last):
             s0 = blk * BLOCK
-            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)   # per chunk: see _causal_dkv_kernel
-            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
             k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
             visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
@@ -298,8 +300,7 @@ if REGISTERED:
         best = tl.full((BLOCK,), NEG_INF, tl.float32)   # max_j (u_j + log z_j) so far
         top = tl.full((BLOCK,), NEG_INF, tl.float32)    # max_j u_j so far
         for j0 in range(0, m, M_BLOCK):
-            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
             S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
             u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
             if SOFTMAX:
@@ -328,8 +329,7 @@ if REGISTERED:
         top = tl.full((BLOCK,), NEG_INF, tl.float32)
         if SOFTMAX:
             for j0 in range(0, m, M_BLOCK):
-                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
                 top = tl.maximum(top, tl.max(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC,
                                                          M_BLOCK), 1))
         else:
@@ -389,8 +389,7 @@ if REGISTERED:
             best = tl.full((BLOCK,), NEG_INF, tl.float32)
             top = tl.full((BLOCK,), NEG_INF, tl.float32)
             for j0 in range(0, m, M_BLOCK):
-                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
                 S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
                 w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
@@ -474,8 +473,7 @@ if REGISTERED:
         gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
         dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
         for j0 in range(0, m, M_BLOCK):
-            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
             S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
             u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
             phi = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
@@ -505,8 +503,7 @@ if REGISTERED:
         last = tl.minimum(first + blocks_per_split, tl.cdiv(L, BLOCK))
         for blk in range(first, last):
             t0 = blk * BLOCK
-            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)   # per chunk: see _causal_dkv_kernel
-            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
             u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
             phi = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m - j0, SOFTMAX, M_BLOCK)
@@ -538,8 +535,7 @@ if REGISTERED:
         dk = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
         dv = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
         for j0 in range(0, m, M_BLOCK):
-            wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-            wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
             dS, dz = _load_state(dstate_ptr, (bh.to(tl.int64) * m + j0) * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
             w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
             phi = _key_features(w, ref, visible, m - j0, SOFTMAX, M_BLOCK)
@@ -583,8 +579,7 @@ if REGISTERED:
             later = _exp_rel(ms, tl.zeros_like(ms) + m_end)
             dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
             for j0 in range(0, m, M_BLOCK):
-                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
                 S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
                 w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
@@ -641,8 +636,7 @@ if REGISTERED:
                 shift = _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0)
                 a = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
                 for j0 in range(0, m, M_BLOCK):
-                    wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-                    wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                    wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
                     phik = _key_features(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK),
                                          ms, visible, m - j0, SOFTMAX, M_BLOCK)
                     phiq = _query_features(_project(q, wt, wtl, SPLIT, PROJ_PREC), shift, m - j0, SOFTMAX, M_BLOCK)
@@ -651,8 +645,7 @@ if REGISTERED:
                                       EV_PAD)
                 dv += tl.dot(tl.trans(a * causal), gq, input_precision=PREC)
             for j0 in range(0, m, M_BLOCK):
-                wt = _features_t(w_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
-                wtl = _features_t(wl_ptr + j0 * E, E, m - j0, E_PAD, M_BLOCK)
+                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
                 P, p = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
                 w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
