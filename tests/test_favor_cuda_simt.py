@@ -1,0 +1,220 @@
+"""The CUDA kernels of FAVOR+ (csrc/cuda/favor.cu), run on the CPU by a SIMT emulator (tests/simt/).
+
+No GPU is needed: favor.cu is compiled as C++ against tests/simt/simt.h, which runs every thread of
+a block as a fiber, phase by phase between barriers, in a random order per phase, with shared
+memory filled with NaNs. The results are compared with the CPU op (itself tested against the float64
+reference in test_favor_values.py and test_favor_grads.py) on every output, saved statistic and
+gradient, for shapes that cross every tile boundary of the kernels (64-row chunks, 32-feature and
+32-column tiles, 64-column value tiles; half of those in float64), with several sequence segments,
+grouped-query heads, padding masks, strided inputs and every dtype. Two thread orders must give
+identical results (no race), and no output may read unwritten shared memory (no NaN).
+
+What the emulator cannot check (timing, the GPU's memory model, shared-memory bank conflicts,
+speed) is left to tests/test_favor_cuda.py on a GPU. The two CUDA-only spellings in favor.cu (the
+`<<<...>>>` launch and the `extern __shared__` declaration) are replaced when the test writes the
+source it compiles; each replacement must match exactly once, so a change of spelling fails here.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import performer  # noqa: F401  (registers the CPU ops)
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMT = ROOT / "tests" / "simt"
+SOURCE = ROOT / "csrc" / "cuda" / "favor.cu"
+
+if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler to build the SIMT emulator", allow_module_level=True)
+if not torch._C._dispatch_has_kernel_for_dispatch_key("performer::favor_forward", "CPU"):
+    pytest.skip("performer._C is not built: the CPU op to compare with is missing", allow_module_level=True)
+
+# favor.cu's CUDA-only spellings and their emulated forms (simt.h), each expected exactly `count` times.
+REPLACEMENTS = [
+    ("kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);",
+     "simt::launch(kernel, static_cast<unsigned>(blocks), kThreads, smem, args...);", 1),
+    ("extern __shared__ __align__(16) unsigned char smem_raw[];",
+     "unsigned char* smem_raw = simt::shared_memory();", 6),
+]
+# The CUDA registrations go: the emulated entry points are called directly, on CPU tensors.
+REGISTRATION = "TORCH_LIBRARY_IMPL(performer, CUDA, m)"
+
+
+def _emulated_source() -> str:
+    text = SOURCE.read_text()
+    for cuda, emulated, count in REPLACEMENTS:
+        found = text.count(cuda)
+        assert found == count, f"{SOURCE.name}: expected {count} x {cuda!r} to replace for the emulator, found {found}"
+        text = text.replace(cuda, emulated)
+    assert text.count(REGISTRATION) == 1, f"{SOURCE.name}: expected one {REGISTRATION}"
+    return text[:text.index(REGISTRATION)]
+
+
+@pytest.fixture(scope="module")
+def simt():
+    """The emulated kernels as a module: forward / backward with the CUDA entry points' arguments."""
+    from torch.utils import cpp_extension
+    text = _emulated_source()
+    build = ROOT / "build" / "simt"
+    build.mkdir(parents=True, exist_ok=True)
+    source = build / "favor_emulated.inc"
+    if not source.exists() or source.read_text() != text:  # unchanged: ninja keeps the last build
+        source.write_text(text)
+    # The module name follows the emulator's sources, so an edited emulator is never shadowed by an
+    # older build already loaded under the same name.
+    digest = hashlib.sha1((text + (SIMT / "simt.h").read_text() + (SIMT / "favor_simt.cpp").read_text())
+                          .encode()).hexdigest()[:10]
+    return cpp_extension.load(
+        name=f"favor_simt_{digest}", sources=[str(SIMT / "favor_simt.cpp")],
+        extra_include_paths=[str(SIMT / "include"), str(SIMT), str(build), str(ROOT / "csrc" / "cuda")],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(build), verbose=False)
+
+
+# (B, H, Hk, L, S, E, Ev, m): float32 tiles are 64 rows, 32 features, 32 input and 64 value columns;
+# float64's 32, 32, 16 and 32.
+SHAPES = {
+    "tiny": (1, 1, 1, 1, 1, 3, 5, 7),
+    "gqa_odd": (2, 4, 2, 37, 37, 16, 9, 20),
+    "tiles": (1, 2, 1, 130, 130, 40, 70, 40),
+    "cross": (2, 2, 1, 7, 12, 8, 8, 16),
+    "long_keys": (1, 2, 2, 5, 150, 8, 70, 40),
+}
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# The backward of 16-bit inputs reads the output saved in that dtype: it may round either way.
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 0.3, torch.float16: 0.06}
+
+
+def _inputs(shape, dtype, masked, transposed=False, seed=0, scale=1.0):
+    B, H, Hk, L, S, E, Ev, m = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64)
+
+    q, k, v = draw(B, H, L, E) * scale, draw(B, Hk, S, E) * scale, draw(B, Hk, S, Ev)
+    features = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(B, S, generator=g) < 0.25
+        if B > 1:
+            mask[0] = True  # a batch entry with every key padded: zero outputs
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if transposed:  # (B, L, H, E) storage seen as (B, H, L, E): strided heads and rows
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return q, k, v, features.to(dtype), mask
+
+
+def _error(got, expected) -> float:
+    """Largest difference relative to max(1, max|expected|); NaN where only one side is NaN."""
+    got, expected = got.double(), expected.double()
+    if expected.numel() == 0:
+        return 0.0
+    same = (got == expected) | (got.isnan() & expected.isnan())
+    diff = torch.where(same, torch.zeros_like(got), (got - expected).abs()).nan_to_num(nan=math.inf)
+    return (diff.max() / max(1.0, expected.abs().nan_to_num(0).max().item())).item()
+
+
+def _log_den(den, shift):
+    """log(den) + shift: the causal statistics are compared as this (the split is the kernel's choice)."""
+    return torch.where(den > 0, den.double().log() + shift.double(), torch.zeros_like(shift, dtype=torch.float64))
+
+
+def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale=1.0, dominant=None):
+    q, k, v, features, mask = _inputs(shape, dtype, masked, transposed, scale=scale)
+    sc = shape[5] ** -0.5
+    if dominant is not None:  # one key along a feature: the largest feature value of all keys
+        k[:, :, dominant] = (features[0] / math.sqrt(sc)).to(dtype)
+    cpu = torch.ops.performer.favor_forward(q, k, v, features, mask, sc, causal, kernel)
+    emu = simt.forward(q, k, v, features, mask, sc, causal, kernel)
+    for name, got, expected in zip(("out", "state", "den", "query_shift", "key_shift"), emu, cpu):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, \
+            f"{name}: {got.dtype} {tuple(got.shape)}, CPU {expected.dtype} {tuple(expected.shape)}"
+    errors = {"out": _error(emu[0], cpu[0]), "state": _error(emu[1], cpu[1]), "key_shift": _error(emu[4], cpu[4])}
+    if causal:
+        errors["log_den"] = _error(_log_den(emu[2], emu[3]), _log_den(cpu[2], cpu[3]))
+        assert torch.equal(emu[2] > 0, cpu[2] > 0), "rows with a visible key differ"
+    else:
+        errors["den"], errors["query_shift"] = _error(emu[2], cpu[2]), _error(emu[3], cpu[3])
+    grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    cpu_grads = torch.ops.performer.favor_backward(grad, q, k, v, features, mask, cpu[0], *cpu[1:], sc, causal, kernel)
+    emu_grads = simt.backward(grad, q, k, v, features, mask, emu[0], *emu[1:], sc, causal, kernel)
+    for name, got, expected in zip(("dq", "dk", "dv"), emu_grads, cpu_grads):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
+        errors[name] = _error(got, expected)
+    bad = {n: e for n, e in errors.items() if not e <= (GRAD_TOL if n.startswith("d") else TOL)[dtype]}
+    assert not bad, f"emulated CUDA kernels differ from the CPU op: {bad} (all: {errors})"
+    return emu, emu_grads
+
+
+# Causal attention needs L == S.
+SHAPE_MODES = [pytest.param(name, causal, id=f"{name}-{'causal' if causal else 'bidir'}")
+               for name, shape in SHAPES.items() for causal in (False, True) if not causal or shape[3] == shape[4]]
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,causal", SHAPE_MODES)
+def test_matches_cpu_op(simt, shape, causal, dtype, masked, kernel):
+    _compare(simt, SHAPES[shape], dtype, masked, causal, kernel)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", ["gqa_odd", "tiles"])
+def test_half_types_match_cpu_op(simt, shape, dtype, causal):
+    _compare(simt, SHAPES[shape], dtype, True, causal, "softmax")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_strided_inputs(simt, causal):
+    _compare(simt, SHAPES["gqa_odd"], torch.float32, True, causal, "softmax", transposed=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_large_logits_stay_finite(simt, causal):
+    emu, grads = _compare(simt, SHAPES["tiles"], torch.float32, False, causal, "softmax", scale=8.0)
+    for t in (emu[0], *grads):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("position", [0, 31, 32, 63, 64, 129])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dominant_key(simt, causal, position):
+    """One key dominates the maxima at a warp's or a chunk's edge: the running maxima (a warp scan
+    per 32 keys, carried across warps and chunks) must pick it up where the CPU op does."""
+    _compare(simt, SHAPES["tiles"], torch.float32, False, causal, "softmax", dominant=position)
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_segment_counts(simt, causal, sms):
+    """The launches split sequences into segments by SM count (about two blocks per SM); a single
+    segment and many must agree with the CPU op alike."""
+    simt.set_sms(sms)
+    try:
+        _compare(simt, SHAPES["tiles"], torch.float32, True, causal, "softmax")
+    finally:
+        simt.set_sms(2)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_thread_order_does_not_change_results(simt, causal):
+    """Two random orders of the threads within each phase: identical bits, or a race."""
+    results = []
+    for seed in (1, 2):
+        simt.seed(seed)
+        q, k, v, features, mask = _inputs(SHAPES["gqa_odd"], torch.float32, True)
+        out = simt.forward(q, k, v, features, mask, 0.25, causal, "softmax")
+        grads = simt.backward(torch.ones_like(out[0]), q, k, v, features, mask, out[0], *out[1:], 0.25, causal,
+                              "softmax")
+        results.append([*out, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
