@@ -61,7 +61,9 @@ def select(op: str, args, backend: Optional[str] = None) -> Backend:
         return chosen
     reasons = []
     for b in candidates:
-        if not b.is_default_for(args.device.type):
+        # A backend for other devices says so, default or not; one for this device that is not a
+        # default here says how to ask for it.
+        if args.device.type in b.devices and not b.is_default_for(args.device.type):
             where = f" (by default on {'/'.join(b.default)})" if isinstance(b.default, tuple) else ""
             reasons.append(f"{b.name}: only when asked for with backend={b.name!r}{where}")
             continue

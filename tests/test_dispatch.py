@@ -49,9 +49,10 @@ def test_no_backend_fits_lists_every_backend():
         _dispatch.select(OP, _args("meta"))
     message = str(info.value)
     assert "(meta, float32)" in message
-    assert "cpp: runs on cpu, not meta" in message
-    assert "triton: only when asked for with backend='triton'" in message
-    assert "torch: only when asked for with backend='torch' (by default on cuda/mps/xpu)" in message
+    # Backends for other devices say so, whether they are defaults or opt-in.
+    assert "cpp: runs on cpu/cuda, not meta" in message
+    assert "torch: runs on cpu/cuda/mps/xpu, not meta" in message
+    assert "triton: " in message
 
 
 def test_torch_backend_is_the_default_on_gpus():
@@ -66,11 +67,11 @@ def test_torch_backend_is_the_default_on_gpus():
 
 def test_favor_attention_on_meta_reports_backends():
     args = _args("meta")
-    with pytest.raises(ValueError, match=re.escape("cpp: runs on cpu, not meta")):
+    with pytest.raises(ValueError, match=re.escape("cpp: runs on cpu/cuda, not meta")):
         performer.favor_attention(args.q, args.k, args.v, features=args.features)
 
 
-@pytest.mark.parametrize("backend,reason", [("cpp", "runs on cpu, not meta"),
+@pytest.mark.parametrize("backend,reason", [("cpp", "runs on cpu/cuda, not meta"),
                                             ("torch", "runs on cpu/cuda/mps/xpu, not meta")])
 def test_forced_backend_applies_the_same_checks(backend, reason):
     with pytest.raises(ValueError, match=re.escape(f"backend={backend!r} cannot run favor_attention here: {reason}")):
@@ -89,6 +90,7 @@ def test_every_decline_reason_is_reported(monkeypatch):
         backend("picky", check=lambda a: "head dim 4 is too small"),
         backend("opt_in", default=False),
         backend("gpu_default", default=("cuda",)),
+        backend("gpu_opt_in", devices=("cuda",), default=False),
     ])
     with pytest.raises(ValueError) as info:
         _dispatch.select("fake_op", _args())
@@ -99,6 +101,7 @@ def test_every_decline_reason_is_reported(monkeypatch):
         "  picky: head dim 4 is too small",
         "  opt_in: only when asked for with backend='opt_in'",
         "  gpu_default: only when asked for with backend='gpu_default' (by default on cuda)",
+        "  gpu_opt_in: runs on cuda, not cpu",
     ]
     assert _dispatch.select("fake_op", _args(), "opt_in").name == "opt_in"
     with pytest.raises(ValueError, match=re.escape("backend='picky' cannot run fake_op here: head dim 4 is too small")):

@@ -9,13 +9,22 @@ from ... import _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor
 from . import triton as triton_backend
-from .cpp import favor_cpp
+from .cpp import cuda_reason, favor_cpp
 from .reference import favor_torch
 
 OP = "favor_attention"
 
+
+def _cpp_check(args):
+    return cuda_reason() if args.device.type == "cuda" else None
+
+
+# On CUDA tensors the compiled ops run csrc/cuda/favor.cu: tested on the CPU through an emulator of
+# the GPU's threads (tests/test_favor_cuda_simt.py) but not yet measured on a GPU, so there they run
+# only when asked for (backend="cpp").
 _dispatch.register(OP, _dispatch.Backend(
-    name="cpp", devices=("cpu",), dtypes=FLOAT_DTYPES, run=favor_cpp, available=unavailable_reason))
+    name="cpp", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, run=favor_cpp, available=unavailable_reason,
+    check=_cpp_check, default=("cpu",)))
 _dispatch.register(OP, _dispatch.Backend(
     name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES, default=False,
     run=triton_backend.favor_triton, available=triton_backend.unavailable_reason,
@@ -48,7 +57,8 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         kernel: "softmax" (positive random features, approximates softmax attention) or "relu"
             (generalized attention with features relu(W x) + 1e-3).
         backend: None picks the first backend that supports the inputs: "cpp" on the CPU,
-            "torch" on GPUs. "cpp" (C++ kernels), "triton" (Triton kernels, opt-in: float32,
+            "torch" on GPUs. "cpp" (C++ kernels on the CPU, CUDA kernels on NVIDIA GPUs when the
+            extension was built with them; opt-in there), "triton" (Triton kernels, opt-in: float32,
             float16 and bfloat16, head and feature sizes limited, see ``ops/favor/triton.py``) or
             "torch" (plain PyTorch, any device) forces one.
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..._C_loader import unavailable_reason
+from ..._C_loader import cuda_kernels_reason, unavailable_reason
 from . import opdef
+
+_CUDA_REASON = cuda_kernels_reason("performer::favor_forward")
+
+
+def cuda_reason():
+    """Why the compiled ops cannot run on CUDA tensors, or None."""
+    return _CUDA_REASON
 
 if unavailable_reason() is None:
     torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..._C_loader import unavailable_reason
+from ..._C_loader import cuda_kernels_reason, unavailable_reason
 
 OP_NAME = "performer::blocked_matmul"
 
 
-# Decided once, when the extension loads: a constant that torch.compile reads without tracing.
-_CUDA_REASON = unavailable_reason() or (
-    None if torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
-    else "the extension was built without CUDA kernels")
+_CUDA_REASON = cuda_kernels_reason(OP_NAME)
 
 
 def cuda_reason():
