@@ -3,7 +3,7 @@
 # triton (no network needed): build the extension from source with its CUDA kernels, run the CUDA
 # and Triton tests on the GPU, then the GPU benchmarks. Logs, JUnit XML and benchmark results go to
 # OUT (default bench/results/gpu-<date>); the last lines printed are a summary.
-#   STEPS="build test bench" (default) picks steps; TESTS overrides the test files; BENCH picks
+#   STEPS="build test sanitize bench" (default) picks steps; TESTS overrides the test files; BENCH picks
 #   benchmark runs (below) and BENCH_ARGS adds arguments to each; PY=python3; TORCH_CUDA_ARCH_LIST
 #   defaults to the GPU's; WORKERS test processes (8) where pytest-xdist is installed.
 set -uo pipefail
@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${PY:-python3}
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
-STEPS=${STEPS:-build test bench}
+STEPS=${STEPS:-build test sanitize bench}
 TESTS=${TESTS:-$(ls tests/test_*cuda*.py tests/test_*triton*.py 2>/dev/null | tr '\n' ' ')}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -53,6 +53,18 @@ if step test; then
   "$PY" -m pytest $TESTS "${workers[@]}" -q -p no:cacheprovider -rfEs --junitxml="$OUT/tests.xml" 2>&1 \
     | tee "$OUT/tests.log" | tail -n 40
   summary+=("tests ($TESTS): $(tail -n 1 "$OUT/tests.log") [$((SECONDS - start)) s]")
+fi
+
+# compute-sanitizer on small calls of every CUDA kernel (scripts/sanitize_cuda.py).
+if step sanitize; then
+  for tool in memcheck racecheck; do
+    start=$SECONDS
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitize_cuda.py \
+      >"$OUT/sanitize-$tool.log" 2>&1
+    status=$?
+    tail -n 5 "$OUT/sanitize-$tool.log"
+    summary+=("compute-sanitizer $tool: exit $status [$((SECONDS - start)) s] (log: $OUT/sanitize-$tool.log)")
+  done
 fi
 
 # One benchmark run per entry of BENCH (name: arguments of python -m performer.bench).

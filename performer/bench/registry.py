@@ -85,12 +85,13 @@ ATTENTION = AttentionSuite(
 
 
 # On CUDA GPUs: B=4, H=16, E=64 (--dim 128 for the other shape the targets name), m=256, bfloat16,
-# against SDPA (its flash backend) and the plain-PyTorch FAVOR+.
+# the Triton and the CUDA C++ kernels against SDPA (its flash backend) and the plain-PyTorch FAVOR+.
 ATTENTION_GPU = AttentionSuite(
     batch=4, heads=16, dim=64, num_features=256,
     lengths=Sizes(full=(1024, 2048, 4096, 8192, 16384, 32768, 65536), quick=(1024, 4096, 16384)),
     dtypes=("bfloat16",),
-    impls=(Impl("triton", "performer", "FAVOR+ performer (Triton)", _favor("triton"), devices=("cuda",)),
+    impls=(Impl("triton", "Triton", "FAVOR+ performer (Triton)", _favor("triton"), devices=("cuda",)),
+           Impl("cpp", "CUDA C++", "FAVOR+ performer (CUDA C++)", _favor("cpp"), devices=("cuda",)),
            Impl("sdpa", "SDPA", "torch SDPA (exact)", _sdpa, baseline=True),
            _TORCH_FAVOR))
 
