@@ -699,8 +699,9 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) forward_out_kernel(Param
       T* out = static_cast<T*>(p.out) + row0 * p.Ev;
       for_each(num, [&](int t, int e, A& v) {
         const A d = sm.den[t];
-        // As the CPU: times 0 where not visible, so that a NaN key still gives NaN.
-        if (t < n && e0 + e < p.Ev) out[t * p.Ev + e0 + e] = narrow<T>(v * (d >= lo ? A(1) / d : A(0)));
+        // As the CPU: times 0 where not visible, so that a NaN key still gives NaN. A division, not a
+        // product with 1 / d: under --use_fast_math a reciprocal below 2^-126 flushes to zero.
+        if (t < n && e0 + e < p.Ev) out[t * p.Ev + e0 + e] = narrow<T>(d >= lo ? v / d : v * A(0));
       });
       if (vt == 0 && tid < n) {
         const A d = sm.den[tid];
@@ -1172,7 +1173,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
       __syncthreads();
     }
     if (p.softmax) {  // dk -= c k' sum_j dw_j = c^2 rsum k
-      for (int idx = tid; idx < R * p.E; idx += kThreads) {
+      for (int64_t idx = tid; idx < R * p.E; idx += kThreads) {
         const int64_t s = idx / p.E, e = idx % p.E;
         if (s < n) dk[(row0k + s) * p.E + e] -= c * c * sm.rsum[s] * A(widen(kc[s * p.k.s[2] + e * p.k.s[3]]));
       }
