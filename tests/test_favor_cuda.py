@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import performer
-from performer import _dispatch
 from conftest import (DTYPES, ERROR_MULTIPLE, KERNELS, SPECS, Spec, assert_close, canonical, case_params, dtype_id,
                       make_case)
 
