@@ -50,7 +50,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../checks.h"
+#include "../favor_checks.h"
 
 namespace performer::cuda {
 namespace {
@@ -430,6 +430,21 @@ struct KeyStateTiles {
   A hn[R], z[FT];
 };
 
+// The block of a slot pass (key_state, query_part): value tile vt (fastest), feature tile j0, segment,
+// batch x kv head.
+struct SlotBlock {
+  int64_t vt, j0, seg, bhk;
+};
+template <int FT>
+__device__ __forceinline__ SlotBlock slot_block(const Params& p) {
+  int64_t x = blockIdx.x;
+  const int64_t vt = x % p.vtiles;
+  x /= p.vtiles;
+  const int64_t ftiles = ceil_div(p.m, FT), j0 = x % ftiles * FT;
+  x /= ftiles;
+  return SlotBlock{vt, j0, x % p.segs, x / p.segs};
+}
+
 // Slot (segment) = [S, z] of the segment's keys alone, relative to key_shift at its last key:
 // sum_s exp(w_s - ref) [v_s, 1]. Grid: B Hk segs (feature tiles) (value tiles) blocks, value tile
 // fastest.
@@ -440,12 +455,9 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) key_state_kernel(Param
   extern __shared__ __align__(16) unsigned char smem_raw[];
   KeyStateTiles<A>& sm = *reinterpret_cast<KeyStateTiles<A>*>(smem_raw);
   const int tid = threadIdx.x;
-  int64_t x = blockIdx.x;
-  const int64_t vt = x % p.vtiles;
-  x /= p.vtiles;
-  const int64_t ftiles = ceil_div(p.m, FT), j0 = x % ftiles * FT;
-  x /= ftiles;
-  const int64_t seg = x % p.segs, bhk = x / p.segs, b = bhk / p.Hk, hk = bhk % p.Hk, e0 = vt * VT;
+  const SlotBlock blk = slot_block<FT>(p);
+  const int64_t vt = blk.vt, j0 = blk.j0, seg = blk.seg, bhk = blk.bhk, b = bhk / p.Hk, hk = bhk % p.Hk,
+                e0 = vt * VT;
   const Range keys = segment<R>(p, seg, p.S);
   const A c = A(p.c), ref = static_cast<const A*>(p.kshift)[bhk * p.S + keys.end - 1];
   A st[TF][TV];
@@ -756,12 +768,9 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) query_part_kernel(Para
   extern __shared__ __align__(16) unsigned char smem_raw[];
   QueryPartTiles<A>& sm = *reinterpret_cast<QueryPartTiles<A>*>(smem_raw);
   const int tid = threadIdx.x;
-  int64_t x = blockIdx.x;
-  const int64_t vt = x % p.vtiles;
-  x /= p.vtiles;
-  const int64_t ftiles = ceil_div(p.m, FT), j0 = x % ftiles * FT;
-  x /= ftiles;
-  const int64_t seg = x % p.segs, bhk = x / p.segs, b = bhk / p.Hk, hk = bhk % p.Hk, e0 = vt * VT;
+  const SlotBlock blk = slot_block<FT>(p);
+  const int64_t vt = blk.vt, j0 = blk.j0, seg = blk.seg, bhk = blk.bhk, b = bhk / p.Hk, hk = bhk % p.Hk,
+                e0 = vt * VT;
   const Range span = segment<R>(p, seg, p.L);
   const A c = A(p.c);
   const A* shift = static_cast<const A*>(p.kshift) + bhk * p.S;
@@ -1217,66 +1226,31 @@ View view_of(const at::Tensor& t) {
   return View{t.data_ptr(), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
 }
 
-// The checks of the CPU op (csrc/cpu/favor.cpp), with the same messages; fills the sizes and inputs.
+// Checks the inputs as the CPU op does (csrc/favor_checks.h) and fills the sizes and inputs; `in`
+// keeps the features and mask that the kernels read.
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
                    const std::optional<at::Tensor>& mask, double scale, bool causal, std::string_view kernel,
-                   at::Tensor& features_acc, at::Tensor& mask_c) {
-  check_dim(q, "q", 4, "(B, H, L, E)");
-  check_dim(k, "k", 4, "(B, Hk, S, E)");
-  check_dim(v, "v", 4, "(B, Hk, S, Ev)");
-  check_like(k, "k", q, "q");
-  check_like(v, "v", q, "q");
-  const auto dtype = q.scalar_type();
-  PERFORMER_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                       "q", "have dtype float32, float64, bfloat16 or float16", "; got ", dtype);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3);
-  const int64_t Hk = k.size(1), S = k.size(2);
-  check_size(k, "k", 0, B, "(B, Hk, S, E)");
-  check_size(k, "k", 3, E, "(B, Hk, S, E)");
-  PERFORMER_CHECK_VALUE(Hk > 0 && H % Hk == 0, "k", "have a head count Hk dividing q's H=", H, "; got ", "Hk=", Hk);
-  check_size(v, "v", 0, B, "(B, Hk, S, Ev)");
-  check_size(v, "v", 1, Hk, "(B, Hk, S, Ev)");
-  check_size(v, "v", 2, S, "(B, Hk, S, Ev)");
-  PERFORMER_CHECK_VALUE(!causal || L == S, "k", "have S == L for causal attention", "; got ", "L=", L, ", S=", S);
-  check_dim(features, "features", 2, "(m, E)");
-  check_size(features, "features", 1, E, "(m, E)");
-  PERFORMER_CHECK_VALUE(features.size(0) > 0, "features", "have at least one row", "; got ", "shape ",
-                        features.sizes());
-  PERFORMER_CHECK_TYPE(features.is_floating_point(), "features", "be floating point", "; got ", features.scalar_type());
-  PERFORMER_CHECK_VALUE(features.device() == q.device(), "features", "be on q's device", "; got ", features.device());
-  PERFORMER_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale", "be positive and finite", "; got ", scale);
-  PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel", "be 'softmax' or 'relu'", "; got ", "'",
-                        kernel, "'");
-
+                   FavorInputs& in) {
+  in = check_favor_inputs(q, k, v, features, mask, scale, causal, kernel);
+  const FavorSizes& n = in.n;
   Params p{};
   p.q = view_of(q);
   p.k = view_of(k);
   p.v = view_of(v);
-  p.B = B;
-  p.H = H;
-  p.Hk = Hk;
-  p.g = H / Hk;
-  p.L = L;
-  p.S = S;
-  p.E = E;
-  p.Ev = v.size(3);
-  p.m = features.size(0);
+  p.B = n.B;
+  p.H = n.H;
+  p.Hk = n.Hk;
+  p.g = n.H / n.Hk;
+  p.L = n.L;
+  p.S = n.S;
+  p.E = n.E;
+  p.Ev = n.Ev;
+  p.m = n.m;
   p.c = std::sqrt(scale);
   p.softmax = kernel == "softmax";
   p.causal = causal;
-  features_acc = features.to(dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  p.W = features_acc.data_ptr();
-  p.mask = nullptr;
-  if (mask.has_value()) {
-    const at::Tensor& mk = *mask;
-    PERFORMER_CHECK_TYPE(mk.scalar_type() == at::kBool, "key_padding_mask", "have dtype bool", "; got ",
-                         mk.scalar_type());
-    PERFORMER_CHECK_VALUE(mk.dim() == 2 && mk.size(0) == B && mk.size(1) == S, "key_padding_mask",
-                          "have shape (B, S) = (", B, ", ", S, ")", "; got ", "shape ", mk.sizes());
-    PERFORMER_CHECK_VALUE(mk.device() == q.device(), "key_padding_mask", "be on q's device", "; got ", mk.device());
-    mask_c = mk.contiguous();
-    p.mask = mask_c.data_ptr<bool>();
-  }
+  p.W = in.features.data_ptr();
+  p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   return p;
 }
 
@@ -1367,11 +1341,11 @@ void dispatch(at::ScalarType dtype, F f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal, c10::string_view kernel) {
-  at::Tensor features_acc, mask_c;
+  FavorInputs in;
   Params p = make_params(q, k, v, features, key_padding_mask, scale, causal,
-                         std::string_view(kernel.data(), kernel.size()), features_acc, mask_c);
+                         std::string_view(kernel.data(), kernel.size()), in);
   c10::cuda::CUDAGuard guard(q.device());
-  const auto acc = q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc = q.options().dtype(favor_acc_dtype(q));
   at::Tensor out = at::empty({p.B, p.H, p.L, p.Ev}, q.options());
   at::Tensor state = at::empty({p.B, p.Hk, p.m, p.Ev + 1}, acc);
   at::Tensor den = at::empty({p.B, p.H, p.L}, acc);
@@ -1393,40 +1367,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward_cuda(
     const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& state, const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift,
     double scale, bool causal, c10::string_view kernel) {
-  at::Tensor features_acc, mask_c;
+  FavorInputs in;
   Params p = make_params(q, k, v, features, key_padding_mask, scale, causal,
-                         std::string_view(kernel.data(), kernel.size()), features_acc, mask_c);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
-    check_dim(*t, name, 4, "(B, H, L, Ev)");
-    check_like(*t, name, q, "q");
-    PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef({p.B, p.H, p.L, p.Ev}), name,
-                          "have shape (B, H, L, Ev) = ", at::IntArrayRef({p.B, p.H, p.L, p.Ev}), "; got ",
-                          "shape ", t->sizes());
-  }
-  const std::tuple<const at::Tensor*, const char*, std::vector<int64_t>> saved[] = {
-      {&state, "state", {p.B, p.Hk, p.m, p.Ev + 1}}, {&den, "den", {p.B, p.H, p.L}},
-      {&query_shift, "query_shift", {p.B, p.H, p.L}}, {&key_shift, "key_shift", {p.B, p.Hk, p.S}}};
-  for (const auto& [t, name, shape] : saved) {
-    PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), name, "have shape ", at::IntArrayRef(shape), "; got ",
-                          "shape ", t->sizes());
-    PERFORMER_CHECK_TYPE(t->scalar_type() == acc, name, "have dtype ", acc, "; got ", t->scalar_type());
-    PERFORMER_CHECK_VALUE(t->device() == q.device(), name, "be on q's device", "; got ", t->device());
-  }
+                         std::string_view(kernel.data(), kernel.size()), in);
+  const std::vector<at::Tensor> saved = check_favor_saved(in.n, q, grad_out, out, state, den, query_shift, key_shift);
   c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor state_c = state.contiguous(), den_c = den.contiguous(), qshift_c = query_shift.contiguous(),
-                   kshift_c = key_shift.contiguous();
-  const auto acc_options = q.options().dtype(acc);
+  const auto acc_options = q.options().dtype(favor_acc_dtype(q));
   at::Tensor dq = at::zeros({p.B, p.H, p.L, p.E}, acc_options);
   at::Tensor dk = at::zeros({p.B, p.Hk, p.S, p.E}, acc_options);
   at::Tensor dv = at::zeros({p.B, p.Hk, p.S, p.Ev}, acc_options);
   if (p.B > 0) {
     p.grad_out = view_of(grad_out);
     p.out_saved = view_of(out);
-    p.state = state_c.data_ptr();
-    p.den = den_c.data_ptr();
-    p.qshift = qshift_c.data_ptr();
-    p.kshift = kshift_c.data_ptr();
+    p.state = saved[0].data_ptr();
+    p.den = saved[1].data_ptr();
+    p.qshift = saved[2].data_ptr();
+    p.kshift = saved[3].data_ptr();
     p.dq = dq.data_ptr();
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();

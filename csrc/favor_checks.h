@@ -1,0 +1,104 @@
+// The argument checks of the FAVOR+ ops, shared by the CPU and CUDA registrations (csrc/cpu/favor.cpp,
+// csrc/cuda/favor.cu): the same checks and messages on every device. Each returns what the kernels
+// need besides the checked tensors.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "checks.h"
+
+namespace performer {
+
+struct FavorSizes {
+  int64_t B, H, Hk, L, S, E, Ev, m;
+};
+
+// What the kernels read besides q, k, v: the features in the accumulation dtype (float64 for
+// float64 inputs, float32 otherwise) and the padding mask, both contiguous (mask undefined if none).
+struct FavorInputs {
+  FavorSizes n;
+  at::Tensor features;
+  at::Tensor mask;
+};
+
+inline at::ScalarType favor_acc_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), features (m, E), key_padding_mask (B, S) bool.
+inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& features, const std::optional<at::Tensor>& mask,
+                                      double scale, bool causal, std::string_view kernel) {
+  check_dim(q, "q", 4, "(B, H, L, E)");
+  check_dim(k, "k", 4, "(B, Hk, S, E)");
+  check_dim(v, "v", 4, "(B, Hk, S, Ev)");
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
+  const auto dtype = q.scalar_type();
+  PERFORMER_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                       "q", "have dtype float32, float64, bfloat16 or float16", "; got ", dtype);
+  FavorSizes n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), features.dim() == 2 ? features.size(0) : 0};
+  check_size(k, "k", 0, n.B, "(B, Hk, S, E)");
+  check_size(k, "k", 3, n.E, "(B, Hk, S, E)");
+  PERFORMER_CHECK_VALUE(n.Hk > 0 && n.H % n.Hk == 0, "k", "have a head count Hk dividing q's H=", n.H, "; got ",
+                        "Hk=", n.Hk);
+  check_size(v, "v", 0, n.B, "(B, Hk, S, Ev)");
+  check_size(v, "v", 1, n.Hk, "(B, Hk, S, Ev)");
+  check_size(v, "v", 2, n.S, "(B, Hk, S, Ev)");
+  PERFORMER_CHECK_VALUE(!causal || n.L == n.S, "k", "have S == L for causal attention", "; got ", "L=", n.L,
+                        ", S=", n.S);
+  check_dim(features, "features", 2, "(m, E)");
+  check_size(features, "features", 1, n.E, "(m, E)");
+  PERFORMER_CHECK_VALUE(n.m > 0, "features", "have at least one row", "; got ", "shape ", features.sizes());
+  PERFORMER_CHECK_TYPE(features.is_floating_point(), "features", "be floating point", "; got ",
+                       features.scalar_type());
+  PERFORMER_CHECK_VALUE(features.device() == q.device(), "features", "be on q's device", "; got ", features.device());
+  PERFORMER_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale", "be positive and finite", "; got ", scale);
+  PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel", "be 'softmax' or 'relu'", "; got ", "'",
+                        kernel, "'");
+  FavorInputs in{n, features.to(favor_acc_dtype(q)).contiguous(), at::Tensor()};
+  if (mask.has_value()) {
+    const at::Tensor& mk = *mask;
+    PERFORMER_CHECK_TYPE(mk.scalar_type() == at::kBool, "key_padding_mask", "have dtype bool", "; got ",
+                         mk.scalar_type());
+    PERFORMER_CHECK_VALUE(mk.dim() == 2 && mk.size(0) == n.B && mk.size(1) == n.S, "key_padding_mask",
+                          "have shape (B, S) = (", n.B, ", ", n.S, ")", "; got ", "shape ", mk.sizes());
+    PERFORMER_CHECK_VALUE(mk.device() == q.device(), "key_padding_mask", "be on q's device", "; got ", mk.device());
+    in.mask = mk.contiguous();
+  }
+  return in;
+}
+
+// The backward's extra inputs: grad_out and out (B, H, L, Ev) like q, and the forward's saved
+// statistics in the accumulation dtype. Returns the statistics contiguous: state, den, query_shift,
+// key_shift.
+inline std::vector<at::Tensor> check_favor_saved(const FavorSizes& n, const at::Tensor& q, const at::Tensor& grad_out,
+                                                 const at::Tensor& out, const at::Tensor& state, const at::Tensor& den,
+                                                 const at::Tensor& query_shift, const at::Tensor& key_shift) {
+  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
+    check_dim(*t, name, 4, "(B, H, L, Ev)");
+    check_like(*t, name, q, "q");
+    PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef({n.B, n.H, n.L, n.Ev}), name,
+                          "have shape (B, H, L, Ev) = ", at::IntArrayRef({n.B, n.H, n.L, n.Ev}), "; got ",
+                          "shape ", t->sizes());
+  }
+  const auto acc = favor_acc_dtype(q);
+  const std::tuple<const at::Tensor*, const char*, std::vector<int64_t>> saved[] = {
+      {&state, "state", {n.B, n.Hk, n.m, n.Ev + 1}}, {&den, "den", {n.B, n.H, n.L}},
+      {&query_shift, "query_shift", {n.B, n.H, n.L}}, {&key_shift, "key_shift", {n.B, n.Hk, n.S}}};
+  std::vector<at::Tensor> contiguous;
+  for (const auto& [t, name, shape] : saved) {
+    PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), name, "have shape ", at::IntArrayRef(shape), "; got ",
+                          "shape ", t->sizes());
+    PERFORMER_CHECK_TYPE(t->scalar_type() == acc, name, "have dtype ", acc, "; got ", t->scalar_type());
+    PERFORMER_CHECK_VALUE(t->device() == q.device(), name, "be on q's device", "; got ", t->device());
+    contiguous.push_back(t->contiguous());
+  }
+  return contiguous;
+}
+
+}  // namespace performer
