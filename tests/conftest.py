@@ -218,3 +218,30 @@ def run_in_triton_interpreter(test_file: str) -> None:
     assert run.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{run.stdout[-8000:]}\n{run.stderr[-4000:]}"
     summary = run.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, run.stdout[-4000:]
+
+
+# Zero-sized cases: (B, H, Hk, L, S, E, Ev), each bidirectional and, where L == S, causal.
+EMPTY = {
+    "no_keys": (2, 4, 2, 6, 0, 8, 5),
+    "no_queries": (2, 4, 2, 0, 6, 8, 5),
+    "empty_sequence": (2, 4, 2, 0, 0, 8, 5),
+    "no_batch": (0, 4, 2, 6, 6, 8, 5),
+    "no_value_dim": (2, 4, 2, 6, 6, 8, 0),
+}
+EMPTY_CASES = [pytest.param(sizes, causal, id=f"{name}-{'causal' if causal else 'bidir'}")
+               for name, sizes in EMPTY.items() for causal in (False, True) if sizes[3] == sizes[4] or not causal]
+
+
+def perturb_future(kind: str, x: torch.Tensor, w: torch.Tensor, g: torch.Generator, t: int) -> torch.Tensor:
+    """x (q, k or v, (B, H, N, D)) with positions > t changed by a large amount, for causality tests:
+    "noise" adds 1e3-scale noise, "scaled" multiplies by 1e3 (relu features of these keys dominate),
+    "dominant" puts k' = c k on the longest feature row of w (the largest softmax exponent)."""
+    x = x.clone()
+    tail = x[:, :, t + 1:]
+    if kind == "noise":
+        tail += 1e3 * torch.randn(tail.shape, generator=g)
+    elif kind == "scaled":
+        tail *= 1e3
+    elif kind == "dominant":
+        tail.copy_(w[w.norm(dim=1).argmax()] * x.shape[-1] ** 0.25)
+    return x

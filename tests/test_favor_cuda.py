@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import performer
-from conftest import (DTYPES, ERROR_MULTIPLE, KERNELS, SPECS, Spec, assert_close, canonical, case_params, dtype_id,
-                      make_case)
+from conftest import (DTYPES, EMPTY_CASES, ERROR_MULTIPLE, KERNELS, SPECS, Spec, assert_close, canonical, case_params,
+                      dtype_id, make_case, perturb_future)
 
 
 def _has_cuda_kernels() -> bool:
@@ -156,17 +156,6 @@ def test_tiles_and_segments(spec, causal, kernel):
         assert_close(a.cpu(), b, r, what=f"d{name}")
 
 
-EMPTY = {  # (B, H, Hk, L, S, E, Ev)
-    "no_keys": (2, 4, 2, 6, 0, 8, 5),
-    "no_queries": (2, 4, 2, 0, 6, 8, 5),
-    "empty_sequence": (2, 4, 2, 0, 0, 8, 5),
-    "no_batch": (0, 4, 2, 6, 6, 8, 5),
-    "no_value_dim": (2, 4, 2, 6, 6, 8, 0),
-}
-EMPTY_CASES = [pytest.param(sizes, causal, id=f"{name}-{'causal' if causal else 'bidir'}")
-               for name, sizes in EMPTY.items() for causal in (False, True) if sizes[3] == sizes[4] or not causal]
-
-
 @pytest.mark.parametrize("sizes,causal", EMPTY_CASES)
 def test_empty_sizes(sizes, causal):
     """Zero-sized dimensions give empty results (no invalid launch); queries with no key give zeros;
@@ -232,19 +221,6 @@ def _attend(q, k, v, w, *, causal=False, mask=None, scale=None, kernel="softmax"
     return out
 
 
-def _perturb(kind, x, w, g, t):
-    """Change positions > t of x (q, k or v) by a large amount (as in test_favor_numerics.py)."""
-    x = x.clone()
-    tail = x[:, :, t + 1:]
-    if kind == "noise":
-        tail += 1e3 * torch.randn(tail.shape, generator=g)
-    elif kind == "scaled":      # relu features of these keys dominate
-        tail *= 1e3
-    elif kind == "dominant":    # k' = c k on the longest feature row: the largest softmax exponent w
-        tail.copy_(w[w.norm(dim=1).argmax()] * x.shape[-1] ** 0.25)
-    return x
-
-
 @pytest.mark.parametrize("kind", ["noise", "scaled", "dominant"])
 @pytest.mark.parametrize("t", [0, 63, 64, 100])
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -257,7 +233,7 @@ def test_causal_output_ignores_the_future(kernel, t, kind):
     if kind == "dominant":
         k = k * 6
     w = performer.orthogonal_features(32, E, generator=g)
-    q2, k2, v2 = (_perturb(kind, x, w, g, t) for x in (q, k, v))
+    q2, k2, v2 = (perturb_future(kind, x, w, g, t) for x in (q, k, v))
     w = w.to(DEVICE)
 
     out = _attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), w, causal=True, kernel=kernel)[:, :, :t + 1]

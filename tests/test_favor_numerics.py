@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import performer
-from conftest import BACKENDS, KERNELS, SPECS, dtype_id, make_case
+from conftest import BACKENDS, KERNELS, SPECS, dtype_id, make_case, perturb_future
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 MASK_SPECS = [pytest.param(s, id=s.id) for s in SPECS if s.layout in ("4d", "transposed")]
@@ -119,19 +119,6 @@ def test_fully_masked_rows_are_zero_with_finite_grads(backend, kernel, causal, d
 
 # ---- causality ----------------------------------------------------------------------------------
 
-def _perturb(kind, x, w, g, t):
-    """Change positions > t of x (q, k or v) by a large amount."""
-    x = x.clone()
-    tail = x[:, :, t + 1:]
-    if kind == "noise":
-        tail += 1e3 * torch.randn(tail.shape, generator=g)
-    elif kind == "scaled":      # relu features of these keys dominate
-        tail *= 1e3
-    elif kind == "dominant":    # k' = c k on the longest feature row: the largest softmax exponent w
-        tail.copy_(w[w.norm(dim=1).argmax()] * x.shape[-1] ** 0.25)
-    return x
-
-
 @pytest.mark.parametrize("kind", ["noise", "scaled", "dominant"])
 @pytest.mark.parametrize("t", [0, 63, 64, 100])
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -146,7 +133,7 @@ def test_causal_output_ignores_the_future(backend, kernel, t, kind):
     if kind == "dominant":
         k = k * 6
     w = performer.orthogonal_features(32, E, generator=g)
-    q2, k2, v2 = (_perturb(kind, x, w, g, t) for x in (q, k, v))
+    q2, k2, v2 = (perturb_future(kind, x, w, g, t) for x in (q, k, v))
 
     out = _attend(q, k, v, w, causal=True, backend=backend, kernel=kernel)[:, :, :t + 1]
     inputs = [x.requires_grad_() for x in (q2, k2, v2)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import performer
-from conftest import BACKENDS, DTYPES, KERNELS, assert_close, case_params, dtype_id, make_case
+from conftest import BACKENDS, DTYPES, EMPTY_CASES, KERNELS, assert_close, case_params, dtype_id, make_case
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -32,17 +32,6 @@ def test_grouped_query_equals_repeated_key_heads(spec, masked, causal, backend, 
     grouped = case.run(causal, backend, kernel)
     repeated = case.run(causal, backend, kernel, k=k, v=v)
     torch.testing.assert_close(grouped, repeated, atol=1e-12, rtol=1e-12)
-
-
-EMPTY = {  # (B, H, Hk, L, S, E, Ev)
-    "no_keys": (2, 4, 2, 6, 0, 8, 5),
-    "no_queries": (2, 4, 2, 0, 6, 8, 5),
-    "empty_sequence": (2, 4, 2, 0, 0, 8, 5),
-    "no_batch": (0, 4, 2, 6, 6, 8, 5),
-    "no_value_dim": (2, 4, 2, 6, 6, 8, 0),
-}
-EMPTY_CASES = [pytest.param(sizes, causal, id=f"{name}-{'causal' if causal else 'bidir'}")
-               for name, sizes in EMPTY.items() for causal in (False, True) if sizes[3] == sizes[4] or not causal]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
