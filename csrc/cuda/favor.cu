@@ -830,6 +830,26 @@ struct BackTiles {
   bool visible[R];
 };
 
+// rows[r][e] += c (dx W_j0)[r][e] for the n rows of a chunk: the gradient sm.dx with respect to u = c W q'
+// (or w = c W k') over the feature tile at j0, taken back to the input rows (dq or dk, E columns).
+template <class A>
+__device__ __forceinline__ void add_back_projection(BackTiles<A>& sm, const Params& p, int64_t j0, int64_t n, A c,
+                                                    A* rows) {
+  constexpr int FT = Tiles<A>::FT, ET = Tiles<A>::ET, TR = Tiles<A>::R / 16, TE = ET / 16;
+  for (int64_t e0 = 0; e0 < p.E; e0 += ET) {
+    __syncthreads();
+    load_tile<FT, ET, ET + 1>(&sm.proj.w[0][0], static_cast<const A*>(p.W) + j0 * p.E + e0, p.E, 1, p.m - j0,
+                              p.E - e0, One<A>());
+    __syncthreads();
+    A acc[TR][TE];
+    zero(acc);
+    mma<FT>(acc, &sm.dx[0][0], FT + 1, 1, &sm.proj.w[0][0], ET + 1, 1);
+    for_each(acc, [&](int r, int e, A& v) {
+      if (r < n && e0 + e < p.E) rows[r * p.E + e0 + e] += c * v;
+    });
+  }
+}
+
 // The per-head rows of a chunk: the saved query shifts, 1 / den and beta (zero past n).
 template <class A>
 __device__ __forceinline__ void load_grad_rows(BackTiles<A>& sm, const Params& p, int64_t row0, int64_t n) {
@@ -848,8 +868,8 @@ __device__ __forceinline__ void load_grad_rows(BackTiles<A>& sm, const Params& p
 template <class T>
 __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Params p) {
   using A = acc_t<T>;
-  constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, VT = Tiles<A>::VT, ET = Tiles<A>::ET;
-  constexpr int TR = R / 16, TF = FT / 16, TV = VT / 16, TE = ET / 16;
+  constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, VT = Tiles<A>::VT;
+  constexpr int TR = R / 16, TF = FT / 16, TV = VT / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BackTiles<A>& sm = *reinterpret_cast<BackTiles<A>*>(smem_raw);
   const int tid = threadIdx.x;
@@ -970,18 +990,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Param
           for (int s = 0; s < R; ++s) sum += sm.w[s][tid];
           state[(j0 + tid) * ld + zcol] = sm.zt[tid] * keep + sum;
         }
-        for (int64_t e0 = 0; e0 < p.E; e0 += ET) {
-          __syncthreads();
-          load_tile<FT, ET, ET + 1>(&sm.proj.w[0][0], static_cast<const A*>(p.W) + j0 * p.E + e0, p.E, 1, p.m - j0,
-                                    p.E - e0, One<A>());
-          __syncthreads();
-          A aq[TR][TE];
-          zero(aq);
-          mma<FT>(aq, &sm.dx[0][0], FT + 1, 1, &sm.proj.w[0][0], ET + 1, 1);
-          for_each(aq, [&](int t, int e, A& v) {
-            if (t < n && e0 + e < p.E) dq[(row0 + t) * p.E + e0 + e] += c * v;
-          });
-        }
+        add_back_projection(sm, p, j0, n, c, dq + row0 * p.E);
         __syncthreads();
       }
     }
@@ -998,8 +1007,8 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Param
 template <class T>
 __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Params p) {
   using A = acc_t<T>;
-  constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, VT = Tiles<A>::VT, ET = Tiles<A>::ET;
-  constexpr int TR = R / 16, TF = FT / 16, TV = VT / 16, TE = ET / 16, TPR = kThreads / R;
+  constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, VT = Tiles<A>::VT;
+  constexpr int TR = R / 16, TF = FT / 16, TV = VT / 16, TPR = kThreads / R;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BackTiles<A>& sm = *reinterpret_cast<BackTiles<A>*>(smem_raw);
   const int tid = threadIdx.x, row = tid / TPR, sub = tid % TPR;
@@ -1167,18 +1176,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
         sum = group_sum<TPR>(sum);
         if (sub == 0) sm.rsum[row] += sum;
       }
-      for (int64_t e0 = 0; e0 < p.E; e0 += ET) {
-        __syncthreads();
-        load_tile<FT, ET, ET + 1>(&sm.proj.w[0][0], static_cast<const A*>(p.W) + j0 * p.E + e0, p.E, 1, p.m - j0,
-                                  p.E - e0, One<A>());
-        __syncthreads();
-        A ak[TR][TE];
-        zero(ak);
-        mma<FT>(ak, &sm.dx[0][0], FT + 1, 1, &sm.proj.w[0][0], ET + 1, 1);
-        for_each(ak, [&](int s, int e, A& v) {
-          if (s < n && e0 + e < p.E) dk[(row0k + s) * p.E + e0 + e] += c * v;
-        });
-      }
+      add_back_projection(sm, p, j0, n, c, dk + row0k * p.E);
       __syncthreads();
     }
     if (p.softmax) {  // dk -= c k' sum_j dw_j = c^2 rsum k
