@@ -245,3 +245,26 @@ def perturb_future(kind: str, x: torch.Tensor, w: torch.Tensor, g: torch.Generat
     elif kind == "dominant":
         tail.copy_(w[w.norm(dim=1).argmax()] * x.shape[-1] ** 0.25)
     return x
+
+
+def assert_future_invisible(run, inputs, perturbed, t: int, g: torch.Generator) -> None:
+    """run(q, k, v) -> causal output (B, H, L, Ev). Outputs at positions <= t must not move when q, k
+    and v change after t (`perturbed`, e.g. by perturb_future), and the gradients must be finite up
+    to t and exactly zero after it."""
+    out = run(*inputs)[:, :, :t + 1]
+    moved = [x.requires_grad_() for x in perturbed]
+    out2 = run(*moved)[:, :, :t + 1]
+    err, size = (out2 - out).abs().max().item(), out.abs().max().item()
+    assert err <= 1e-6 * size, f"outputs at positions <= t={t} moved by {err:.3g} (max |out| {size:.3g})"
+    grads = torch.autograd.grad(out2, moved, torch.randn(out2.shape, generator=g).to(out2.device))
+    for name, grad in zip(("dq", "dk", "dv"), grads):
+        assert torch.isfinite(grad[:, :, :t + 1]).all(), f"{name} at positions <= t not finite"
+        assert (grad[:, :, t + 1:] == 0).all(), f"{name} nonzero at positions > t={t}"
+
+
+# (B, H, L, E, query/key norm) for the extreme-logit tests: with scale=1 the logits q.k reach +-norm^2.
+EXTREMES = {
+    "logits_1e4": (2, 2, 70, 16, 100.0),
+    "logits_1e4_single_token": (2, 2, 1, 16, 100.0),
+    "logits_1e2": (2, 2, 70, 16, 10.0),
+}
