@@ -75,6 +75,9 @@ class FavorArgs:
     causal: bool
     kernel: str
     out_shape: tuple
+    # Causal with L < S: q is preceded by this many zero rows (so that L == S) and the outputs of
+    # those rows are dropped (favor_attention does both).
+    query_pad: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -146,8 +149,9 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"key/value heads (dim -3) must divide the query heads for grouped-query "
                              f"attention: query has {hq}, key has {hk}")
-    if is_causal and L != S:
-        raise ValueError(f"is_causal=True needs as many queries as keys (L == S); got L={L}, S={S}")
+    if is_causal and L > S:
+        raise ValueError(f"is_causal=True needs at most as many queries as keys (L <= S, the queries being the "
+                         f"last L positions); got L={L}, S={S}")
 
     if f.dim() != 2 or f.shape[1] != E or f.shape[0] < 1:
         raise ValueError(f"features must have shape (num_features, E) = (m, {E}) with m >= 1; "
@@ -175,7 +179,16 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         mask = mask.reshape(q4.shape[0], S)
 
     out_shape = tuple(q.shape[:-1]) + (v.shape[-1],)
-    return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape)
+    query_pad = 0
+    if is_causal and L < S:
+        # Bottom-right aligned (query t is position S - L + t): a single query sees every key, more
+        # queries run the causal kernels behind S - L zero rows whose outputs are dropped.
+        if L <= 1:
+            is_causal = False
+        else:
+            query_pad = S - L
+            q4 = torch.cat([q4.new_zeros(*q4.shape[:2], query_pad, E), q4], dim=-2)
+    return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape, query_pad)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         value: (..., S, Ev), the key's leading dimensions.
         attn_mask, dropout_p: accepted for signature compatibility; only None and 0.0 (FAVOR+ has
             no attention matrix to mask or drop from; use ``is_causal`` or ``key_padding_mask``).
-        is_causal: position t attends to keys 0..t only; needs L == S.
+        is_causal: query t attends to keys 0..t only. With fewer queries than keys (L < S, e.g. new
+            tokens after a cached prefix) the queries are the last L positions (bottom-right
+            aligned, as in ``flash-attention``): query t sees keys 0..S - L + t.
         scale: softmax temperature, default 1/sqrt(E); applied as sqrt(scale) to query and key.
         features: (m, E) random projection, e.g. ``performer.orthogonal_features(m, E)``; a
             constant: no gradient flows to it. More rows, better approximation.
@@ -68,4 +70,7 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     args = validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
                           key_padding_mask, kernel)
     impl = _dispatch.select(OP, args, backend)
-    return impl.run(args).reshape(args.out_shape)
+    out = impl.run(args)
+    if args.query_pad:
+        out = out[..., args.query_pad:, :]
+    return out.reshape(args.out_shape)

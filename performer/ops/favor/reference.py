@@ -73,8 +73,8 @@ def _normalize(out_aug: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def favor_dense(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str):
     phi_q, phi_k, v_aug = _prepare(q, k, v, features, key_padding_mask, scale, kernel)
     a = phi_q @ phi_k.transpose(-1, -2)
-    if causal:
-        a = torch.tril(a)
+    if causal:  # bottom-right aligned: query t is position S - L + t
+        a = torch.tril(a, diagonal=a.shape[-1] - a.shape[-2])
     return _normalize(a @ v_aug, q.dtype)
 
 
