@@ -50,7 +50,8 @@ setup(
     packages=find_packages(include=["performer", "performer.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"bench": ["matplotlib", "pytest-benchmark"]},  # python -m performer.bench plots; bench/
+    extras_require={"bench": ["matplotlib", "pytest-benchmark"],  # python -m performer.bench plots; bench/
+                    "hf": ["transformers>=5,<6"]},   # performer.integrations.hf
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,

@@ -20,6 +20,12 @@ if ! "$PY" -c "import numpy, pytest, pytest_benchmark, pybind11, ninja, setuptoo
   "$PY" -m pip install -q numpy pytest pytest-benchmark pybind11 ninja setuptools wheel "triton>=3.4" matplotlib 2>&1 \
     | { grep -v "is ignored: it is neither" || true; }
 fi
+if ! "$PY" -c "import transformers; assert int(transformers.__version__.split('.')[0]) >= 5" 2>/dev/null; then
+  # The Hugging Face integration's tests build models from configs (no downloads); with torch
+  # already installed, transformers pulls no other torch.
+  echo "== installing transformers"
+  "$PY" -m pip install -q "transformers>=5,<6" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+fi
 # Rebuilt only when there is no extension or a C++ source or setup.py is newer than it (pip's
 # editable build compiles from scratch every time).
 so=$(ls performer/_C*.so 2>/dev/null | head -n1 || true)
