@@ -204,15 +204,17 @@ def test_vit_needs_prepare_then_runs():
     assert len(feats) == 2 and not torch.equal(feats[0], feats[1])
 
 
-def test_torch_compile_of_the_model():
-    model = bert(dtype=torch.float32)
+@pytest.mark.parametrize("build", [bert, gpt2], ids=["bert", "gpt2"])
+def test_torch_compile_fullgraph_of_the_model(build):
+    """After prepare (features attached), the whole model compiles as one graph, padding mask included."""
+    model = build(dtype=torch.float32)
     favor_hf.prepare(model)
     ids = tokens(2, 10)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.no_grad():
-        eager = model(ids, attention_mask=mask).last_hidden_state
-        compiled = torch.compile(model)(ids, attention_mask=mask).last_hidden_state
+        eager = model(ids, attention_mask=mask)[0]
+        compiled = torch.compile(model, fullgraph=True)(ids, attention_mask=mask)[0]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
