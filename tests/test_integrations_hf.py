@@ -314,3 +314,10 @@ def test_register_validates(kwargs, error, match):
 def test_prepare_needs_a_registered_implementation():
     with pytest.raises(ValueError, match="registered by performer.integrations.hf.register; its config says 'sdpa'"):
         favor_hf.prepare(bert("sdpa"))
+
+
+def test_favor_cache_with_bidirectional_attention_raises():
+    model = bert()
+    cache = favor_hf.FavorCache()
+    with torch.no_grad(), pytest.raises(ValueError, match="FavorCache holds a causal state, but BertSelfAttention"):
+        model(tokens(1, 4), cache=cache)

@@ -246,6 +246,9 @@ def _favor_attention_forward(options, module, query, key, value, attention_mask,
     features = _features(options, module, query.shape[-1], query)
     layer = kwargs.get(_LAYER_KWARG)
     if layer is not None:  # generation with a FavorCache: continue the layer's recurrent state
+        if not causal:
+            raise ValueError(f"FavorCache holds a causal state, but {type(module).__name__} attends bidirectionally "
+                             "here; use it only with decoder (causal) attention")
         out, layer.state = favor_attention_step(query, key, value, layer.state, features=features, scale=scaling,
                                                 kernel=options["kernel"], key_padding_mask=padding)
         layer.pending = False
