@@ -10,6 +10,7 @@
     layer = performer.nn.BlockedLinear(512, 256)  # nn.Linear drop-in
 """
 from . import nn
+from .compress import prune
 from .convert import convert, disable_fused_encoder_paths
 from .features import orthogonal_features
 from .nn import DecodingCache, FastAttention, PerformerAttention
@@ -17,5 +18,5 @@ from .ops.favor import FavorState, favor_attention, favor_attention_step
 from .ops.matmul import blocked_matmul
 
 __all__ = ["DecodingCache", "FastAttention", "FavorState", "PerformerAttention", "blocked_matmul", "convert",
-           "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features"]
+           "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features", "prune"]
 __version__ = "0.1.0"

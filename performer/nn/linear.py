@@ -6,6 +6,10 @@ from torch import nn
 
 from .._validate import check_tensor
 from ..ops.matmul import blocked_matmul
+from . import pruning
+
+DEFAULT_BLOCK = (32, 32)
+SUPPORTED_BLOCKS = ((16, 32, 64), (4, 8, 16, 32, 64))  # (rows, cols) the block-sparse kernels run
 
 
 class BlockedLinear(nn.Linear):
@@ -36,6 +40,27 @@ class BlockedLinear(nn.Linear):
         new.bias = None if linear.bias is None else copy(linear.bias)
         new.train(linear.training)
         return new
+
+    def prune(self, sparsity: float, *, block: tuple[int, int] = DEFAULT_BLOCK, criterion: str = "l1",
+              scope: str = "layer") -> "BlockedLinear":
+        """Mask the ``sparsity`` fraction of (rows, cols) weight blocks with the lowest magnitude
+        (see performer.nn.pruning): ``weight_orig`` stays the trained Parameter, ``weight_mask``
+        a buffer, and ``weight = weight_orig * weight_mask`` before every forward, as
+        ``torch.nn.utils.prune`` does. Pruning again at a higher sparsity keeps pruned blocks
+        pruned. ``scope`` is accepted for symmetry with ``performer.prune`` (one layer: the same).
+        ``compress()`` then stores only the kept blocks. Returns self."""
+        sparsity = pruning.check_sparsity(sparsity)
+        block = pruning.check_block(block, *SUPPORTED_BLOCKS)
+        pruning.prune_linears([self], sparsity, block, criterion, scope)
+        return self
+
+    def __getstate__(self):
+        # A pruned layer's ``weight`` is recomputed from weight_orig * weight_mask before every
+        # forward; the last one is part of an autograd graph, which deepcopy and pickle refuse.
+        state = super().__getstate__()
+        if pruning.is_pruned(self) and isinstance(state.get("weight"), torch.Tensor):
+            state["weight"] = state["weight"].detach()
+        return state
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = check_tensor("input", input, min_dim=1)
