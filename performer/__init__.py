@@ -12,11 +12,11 @@
 from . import nn
 from .compress import prune
 from .convert import convert, disable_fused_encoder_paths
-from .features import orthogonal_features
+from .features import orthogonal_features, simplex_features
 from .nn import DecodingCache, FastAttention, PerformerAttention
 from .ops.favor import FavorState, favor_attention, favor_attention_step
 from .ops.matmul import blocked_matmul
 
 __all__ = ["DecodingCache", "FastAttention", "FavorState", "PerformerAttention", "blocked_matmul", "convert",
-           "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features", "prune"]
+           "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features", "prune", "simplex_features"]
 __version__ = "0.1.0"

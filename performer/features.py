@@ -1,4 +1,4 @@
-"""Random features for FAVOR+: block-orthogonal Gaussian projections."""
+"""Random features for FAVOR+: block-orthogonal and block-simplex Gaussian projections."""
 from __future__ import annotations
 
 import math
@@ -25,6 +25,17 @@ def _orthogonal_block(dim: int, generator, device, sign_correct: bool = True) ->
     return q.T  # rows orthonormal
 
 
+def _simplex_block(dim: int, generator, device) -> torch.Tensor:
+    """(dim, dim) rows: the dim unit vertices of a regular simplex centred at the origin (pairwise
+    cosine -1/(dim - 1)), in a Haar-random orientation. One dimension has no simplex: +-1."""
+    if dim == 1:
+        return _orthogonal_block(1, generator, device)
+    eye = torch.eye(dim, device=device, dtype=torch.float64)
+    vertices = eye - 1.0 / dim
+    vertices = vertices / vertices.norm(dim=1, keepdim=True)
+    return vertices @ _orthogonal_block(dim, generator, device)
+
+
 def orthogonal_features(num_features: int, dim: int, *, generator: Optional[torch.Generator] = None,
                         scaling: str = "chi", dtype: torch.dtype = torch.float32,
                         device=None, _sign_correct: bool = True) -> torch.Tensor:
@@ -36,6 +47,23 @@ def orthogonal_features(num_features: int, dim: int, *, generator: Optional[torc
     every row norm sqrt(dim). Randomness comes only from ``generator`` (or, when it is None,
     a freshly seeded one: the global RNG is never touched), drawn in float64 and cast to ``dtype``.
     """
+    return _draw(num_features, dim, generator, scaling, dtype, device,
+                 lambda g, dev: _orthogonal_block(dim, g, dev, _sign_correct))
+
+
+def simplex_features(num_features: int, dim: int, *, generator: Optional[torch.Generator] = None,
+                     scaling: str = "chi", dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Draw simplex random features W of shape (num_features, dim) (Reid et al., "Simplex Random
+    Features", ICML 2023): in each block of dim rows the directions are the vertices of a regular
+    simplex (pairwise cosine -1/(dim - 1), more spread than orthogonal rows), randomly rotated;
+    norms as in ``orthogonal_features``. Every row is still marginally N(0, I) with "chi", so
+    FAVOR+ stays unbiased, with a lower variance than orthogonal features. Same arguments and
+    randomness rules as ``orthogonal_features``; pass the result as ``features=``."""
+    return _draw(num_features, dim, generator, scaling, dtype, device,
+                 lambda g, dev: _simplex_block(dim, g, dev))
+
+
+def _draw(num_features, dim, generator, scaling, dtype, device, block) -> torch.Tensor:
     check_positive_int("num_features", num_features)
     check_positive_int("dim", dim)
     check_choice("scaling", scaling, SCALINGS)
@@ -51,8 +79,7 @@ def orthogonal_features(num_features: int, dim: int, *, generator: Optional[torc
     else:
         generator = torch.Generator(device=device if device is not None else "cpu")
         generator.seed()
-    blocks = [_orthogonal_block(dim, generator, device, _sign_correct)
-              for _ in range(math.ceil(num_features / dim))]
+    blocks = [block(generator, device) for _ in range(math.ceil(num_features / dim))]
     w = torch.cat(blocks, dim=0)[:num_features]
     if scaling == "chi":
         norms = torch.randn(num_features, dim, generator=generator, device=device,

@@ -97,3 +97,46 @@ def test_softmax_estimate_unbiased_only_with_sign_correction(sign_correct):
 def test_bad_arguments(kwargs, exc, fragment):
     with pytest.raises(exc, match=re.escape(fragment)):
         performer.orthogonal_features(**kwargs)
+
+
+# ---- simplex random features -------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,d", [(14, 4), (16, 16), (50, 7), (3, 1)])
+def test_simplex_blocks_are_regular_simplices(m, d):
+    w = performer.simplex_features(m, d, generator=torch.Generator().manual_seed(1), scaling="sqrt_d",
+                                   dtype=torch.float64)
+    assert w.shape == (m, d)
+    for block in w.split(d):
+        unit = block / block.norm(dim=1, keepdim=True)
+        cos = unit @ unit.T
+        expected = torch.full_like(cos, -1.0 / (d - 1) if d > 1 else 1.0).fill_diagonal_(1.0)
+        torch.testing.assert_close(cos, expected, atol=1e-12, rtol=0)
+
+
+def test_simplex_rows_are_marginally_standard_gaussian():
+    """E[w w^T] = I over draws (each row's direction is uniform, its norm chi): FAVOR+ stays unbiased."""
+    d, draws = 6, 3000
+    w = performer.simplex_features(d * draws, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    second_moment = w.T @ w / w.shape[0]
+    torch.testing.assert_close(second_moment, torch.eye(d, dtype=torch.float64), atol=0.08, rtol=0)
+
+
+def test_simplex_estimate_unbiased_and_lower_variance_than_orthogonal():
+    d, draws = 8, 3000
+    g = torch.Generator().manual_seed(3)
+    x, y = (0.6 * torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
+    exact = math.exp(x.dot(y).item())
+    draw = {name: fn(d * draws, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64).reshape(draws, d, d)
+            for name, fn in (("orthogonal", performer.orthogonal_features), ("simplex", performer.simplex_features))}
+    est = {name: _softmax_kernel_estimates(w, x, y) for name, w in draw.items()}
+    z = (est["simplex"].mean() - exact) / (est["simplex"].std() / math.sqrt(draws))
+    assert abs(z) < 4, f"biased: {z:.1f} standard errors"
+    mse = {name: ((e - exact) ** 2).mean().item() for name, e in est.items()}
+    assert mse["simplex"] < 0.95 * mse["orthogonal"], mse
+
+
+def test_simplex_validates_like_orthogonal():
+    with pytest.raises(ValueError, match="num_features must be at least 1; got 0"):
+        performer.simplex_features(0, 4)
+    with pytest.raises(ValueError, match="scaling must be one of 'chi', 'sqrt_d'"):
+        performer.simplex_features(4, 4, scaling="unit")
