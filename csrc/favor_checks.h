@@ -101,4 +101,42 @@ inline std::vector<at::Tensor> check_favor_saved(const FavorSizes& n, const at::
   return contiguous;
 }
 
+// The decoding step's state (favor_step, favor_step_): kv (B, Hk, m, Ev), normalizer (B, Hk, m), key_max
+// (B, Hk) in the accumulation dtype, on q's device; all given or none (an empty state). In place, each
+// must be contiguous (the step writes it); otherwise returns them contiguous.
+struct FavorStepState {
+  at::Tensor kv, normalizer, key_max;  // undefined for an empty state
+};
+
+inline FavorStepState check_favor_step_state(const FavorSizes& n, const at::Tensor& q,
+                                             const std::optional<at::Tensor>& kv,
+                                             const std::optional<at::Tensor>& normalizer,
+                                             const std::optional<at::Tensor>& key_max, bool in_place) {
+  const bool any = kv.has_value() || normalizer.has_value() || key_max.has_value();
+  PERFORMER_CHECK_VALUE(!any || (kv.has_value() && normalizer.has_value() && key_max.has_value()), "kv",
+                        "come with normalizer and key_max (all three, or none for an empty state)", "; got ",
+                        kv.has_value() ? "kv" : "no kv", normalizer.has_value() ? ", normalizer" : ", no normalizer",
+                        key_max.has_value() ? ", key_max" : ", no key_max");
+  if (!any) return {};
+  const auto acc = favor_acc_dtype(q);
+  const std::tuple<const at::Tensor*, const char*, std::vector<int64_t>, const char*> parts[] = {
+      {&*kv, "kv", {n.B, n.Hk, n.m, n.Ev}, "(B, Hk, m, Ev)"},
+      {&*normalizer, "normalizer", {n.B, n.Hk, n.m}, "(B, Hk, m)"},
+      {&*key_max, "key_max", {n.B, n.Hk}, "(B, Hk)"}};
+  FavorStepState out;
+  at::Tensor* dst[] = {&out.kv, &out.normalizer, &out.key_max};
+  int i = 0;
+  for (const auto& [t, name, shape, layout] : parts) {
+    PERFORMER_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), name, "have shape ", layout, " = ",
+                          at::IntArrayRef(shape), "; got ", "shape ", t->sizes());
+    PERFORMER_CHECK_TYPE(t->scalar_type() == acc, name, "have dtype ", acc, " (the accumulation dtype of ",
+                         q.scalar_type(), " inputs)", "; got ", t->scalar_type());
+    PERFORMER_CHECK_VALUE(t->device() == q.device(), name, "be on q's device", "; got ", t->device());
+    PERFORMER_CHECK_VALUE(!in_place || t->is_contiguous(), name, "be contiguous to be updated in place",
+                          "; got ", "strides ", t->strides());
+    *dst[i++] = t->contiguous();
+  }
+  return out;
+}
+
 }  // namespace performer

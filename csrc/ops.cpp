@@ -18,6 +18,17 @@ TORCH_LIBRARY(performer, m) {
   m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, "
         "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor query_shift, "
         "Tensor key_shift, float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
+  // One causal decoding step: T >= 0 new positions q (B, H, T, E), k (B, Hk, T, E), v (B, Hk, T, Ev)
+  // (causal among themselves; key_padding_mask (B, T)) continuing the recurrent state kv (B, Hk, m, Ev),
+  // normalizer (B, Hk, m), key_max (B, Hk) in the accumulation dtype (all three None: an empty state),
+  // as performer.FavorState defines it. Returns out (B, H, T, Ev) in q's dtype and the state after
+  // the new positions (new tensors: the given state is not modified). No autograd: the Python API
+  // runs the differentiable plain-PyTorch step when a gradient is needed.
+  m.def("favor_step(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, Tensor? kv, "
+        "Tensor? normalizer, Tensor? key_max, float scale, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same step updating a given state in place (contiguous tensors); returns out.
+  m.def("favor_step_(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, Tensor(a!) kv, "
+        "Tensor(b!) normalizer, Tensor(c!) key_max, float scale, str kernel) -> Tensor");
   // Batched matrix product on canonical inputs a (B, M, K), b (B, K, N) of one dtype and device,
   // any strides (a batch stride of 0 broadcasts): returns a @ b, (B, M, N) contiguous in that
   // dtype; float16/bfloat16 accumulate in float32.

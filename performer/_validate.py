@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -268,17 +268,104 @@ def _broadcast_shapes(x: tuple, y: tuple) -> Optional[tuple]:
 
 # ---- incremental decoding (favor_attention_step) -------------------------------------------------
 
-def validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask):
+class FavorStepArgs(NamedTuple):
+    """Validated favor_attention_step arguments: FavorArgs' canonical q (B, H, T, E), k (B, Hk, T, E),
+    v (B, Hk, T, Ev), features, key_padding_mask (None or bool (B, T)), scale and kernel; ``state``
+    None or the (kv, normalizer, key_max) tuple checked against them; ``out_shape`` the output's
+    shape in the caller's layout (None: already (B, H, T, Ev)); ``inplace``: the caller lets the
+    step update ``state``'s tensors."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    features: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    scale: float
+    kernel: str
+    out_shape: Optional[tuple]
+    state: Optional[tuple]
+    inplace: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    def needs_grad(self) -> bool:
+        """A gradient is recorded for q, k, v or the state (features are constants)."""
+        if not torch.is_grad_enabled():
+            return False
+        state = self.state or ()
+        return any(t.requires_grad for t in (self.q, self.k, self.v, *state))
+
+
+_TENSOR = torch.Tensor
+_STEP_DTYPES = frozenset(FLOAT_DTYPES)
+
+
+def _fast_step_args(q, k, v, state, f, scale, kernel, mask, inplace) -> Optional[FavorStepArgs]:
+    """The common case, (B, H, T, E) inputs that pass every check, in a few microseconds; None for
+    anything else (validate_favor_step then runs the full checks, which name what is wrong)."""
+    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(f) is _TENSOR
+            and type(inplace) is bool):
+        return None
+    dtype = q.dtype
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or f.dim() != 2 or dtype not in _STEP_DTYPES \
+            or k.dtype != dtype or v.dtype != dtype or not f.dtype.is_floating_point or kernel not in KERNELS:
+        return None
+    device = q.device
+    if k.device != device or v.device != device or f.device != device:
+        return None
+    B, H, T, E = q.shape
+    Bk, Hk, Tk, Ek = k.shape
+    Bv, Hv, Tv, Ev = v.shape
+    m, Ef = f.shape
+    if not (Bk == Bv == B and Hv == Hk and Tk == Tv == T and Ek == Ef == E and m >= 1 and Hk > 0
+            and H % Hk == 0):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif type(scale) is not float or not (scale > 0 and math.isfinite(scale)):
+        return None
+    if mask is not None and (type(mask) is not _TENSOR or mask.dtype != torch.bool or mask.device != device
+                             or mask.shape != (B, T)):
+        return None
+    if state is not None:
+        if not isinstance(state, tuple) or len(state) != 3:
+            return None
+        kv, z, key_max = state
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        if not (type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
+                and kv.shape == (B, Hk, m, Ev) and z.shape == (B, Hk, m) and key_max.shape == (B, Hk)
+                and kv.dtype == acc and z.dtype == acc and key_max.dtype == acc
+                and kv.device == device and z.device == device and key_max.device == device):
+            return None
+        state = (kv, z, key_max)
+    return FavorStepArgs(q, k, v, f, mask, scale, kernel, None, state, inplace)
+
+
+def validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask,
+                        inplace: bool = False) -> FavorStepArgs:
     """favor_attention's checks for the new positions (causal, one key per query), then the state's
-    shapes against them. Returns (FavorArgs, the state as a (kv, normalizer, key_max) tuple or None)."""
+    shapes against them."""
+    fast = _fast_step_args(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
+    if fast is not None:
+        return fast
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool; got {type(inplace).__name__}")
     q = check_tensor("query", query, min_dim=2)
     k = check_tensor("key", key, min_dim=2)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"key must hold one new position per query position (dim -2): query has {q.shape[-2]}, "
                          f"key has {k.shape[-2]}")
     args = validate_favor(query, key, value, None, 0.0, True, scale, features, key_padding_mask, kernel)
+    out_shape = args.out_shape if q.dim() != 4 else None
     if state is None:
-        return args, None
+        return FavorStepArgs(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.kernel,
+                             out_shape, None, inplace)
     if not isinstance(state, tuple) or len(state) != 3:
         raise TypeError(f"state must be the FavorState (kv, normalizer, key_max) returned by favor_attention_step "
                         f"or None; got {type(state).__name__}")
@@ -296,7 +383,8 @@ def validate_favor_step(query, key, value, state, features, scale, kernel, key_p
             raise TypeError(f"state.{name} must have dtype {_dtype_name(acc)} (the accumulation dtype for "
                             f"{_dtype_name(args.dtype)} inputs); got {_dtype_name(t.dtype)}")
         check_same_device(f"state.{name}", t, "query", q)
-    return args, tuple(state)
+    return FavorStepArgs(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.kernel,
+                         out_shape, tuple(state), inplace)
 
 
 # ---- modules (performer.nn) ------------------------------------------------------------------------

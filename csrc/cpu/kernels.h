@@ -53,10 +53,33 @@ struct MatmulParams {
   int num_threads;
 };
 
+// One decoding step (favor_step): T new positions, q (B,H,T,E), k (B,Hk,T,E), v (B,Hk,T,Ev) as views,
+// continuing the recurrent state kv (B,Hk,m,Ev), normalizer (B,Hk,m), key_max (B,Hk), contiguous, in
+// acc (the *_in pointers are null for an empty state; they may equal the outputs: in place). Writes
+// out (B,H,T,Ev) contiguous in dtype and the state after the T positions. T >= 1.
+struct StepParams {
+  DType dtype;
+  Kernel kernel;
+  double scale;
+  int64_t B, H, Hk, T, E, Ev, m;
+  View q, k, v;
+  const void* features;       // (m, E) contiguous, acc
+  const bool* mask;           // (B, T) contiguous, true = ignore that key; or null
+  const void* kv_in;
+  const void* normalizer_in;
+  const void* key_max_in;
+  void* kv;
+  void* normalizer;
+  void* key_max;
+  void* out;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* name;
   void (*favor_forward)(const FavorParams&);
   void (*favor_backward)(const FavorParams&);
+  void (*favor_step)(const StepParams&);
   void (*matmul)(const MatmulParams&);
   double (*fma_peak_gflops)(int threads, double seconds);  // measured, see fma_peak.h
 };

@@ -3,6 +3,7 @@
 // for this ISA under a name the other units share.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
@@ -19,9 +20,10 @@ namespace performer::cpu::avx2 {
 #include "gemm.h"
 #include "favor_kernel.h"
 #include "favor_parallel.h"
+#include "favor_step_kernel.h"
 #include "matmul_kernel.h"
 #include "fma_peak.h"
 
-extern const KernelTable table = {"avx2", favor_forward, favor_backward, matmul, fma_peak_gflops};
+extern const KernelTable table = {"avx2", favor_forward, favor_backward, favor_step, matmul, fma_peak_gflops};
 
 }  // namespace performer::cpu::avx2

@@ -2,6 +2,7 @@
 // System headers come before the target pragma, so none of their inline functions is compiled
 // for this ISA under a name the other units share.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
@@ -17,9 +18,10 @@ namespace performer::cpu::baseline {
 #include "gemm.h"
 #include "favor_kernel.h"
 #include "favor_parallel.h"
+#include "favor_step_kernel.h"
 #include "matmul_kernel.h"
 #include "fma_peak.h"
 
-extern const KernelTable table = {"baseline", favor_forward, favor_backward, matmul, fma_peak_gflops};
+extern const KernelTable table = {"baseline", favor_forward, favor_backward, favor_step, matmul, fma_peak_gflops};
 
 }  // namespace performer::cpu::baseline

@@ -8,16 +8,24 @@ from ..._C_loader import cuda_kernels_reason, unavailable_reason
 from . import opdef
 
 _CUDA_REASON = cuda_kernels_reason("performer::favor_forward")
+_STEP_CUDA_REASON = cuda_kernels_reason("performer::favor_step")
 
 
 def cuda_reason():
     """Why the compiled ops cannot run on CUDA tensors, or None."""
     return _CUDA_REASON
 
+
+def step_cuda_reason():
+    """Why the compiled decoding step cannot run on CUDA tensors, or None."""
+    return _STEP_CUDA_REASON
+
 if unavailable_reason() is None:
     torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)
     torch.library.register_fake("performer::favor_backward")(opdef.backward_fake)
     opdef.register_autograd("performer::favor_forward", torch.ops.performer.favor_backward)
+    torch.library.register_fake("performer::favor_step")(opdef.step_fake)
+    torch.library.register_fake("performer::favor_step_")(opdef.step_inplace_fake)
 
 
 def favor_cpp(args) -> torch.Tensor:

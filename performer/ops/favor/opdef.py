@@ -7,6 +7,13 @@ kernels, their autograd, and the argument checks of ops written in Python.
            query_shift (B, H, L), key_shift (B, Hk, S), the last four in the accumulation dtype
     backward(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift,
              key_shift, scale, causal, kernel) -> dq, dk, dv
+
+and of the decoding step (no autograd: performer.favor_attention_step runs the plain-PyTorch step
+when a gradient is needed):
+
+    favor_step(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel)
+        -> out (B, H, T, Ev), kv (B, Hk, m, Ev), normalizer (B, Hk, m), key_max (B, Hk)
+    favor_step_(...same, kv, normalizer and key_max updated in place) -> out
 """
 from __future__ import annotations
 
@@ -24,6 +31,18 @@ def forward_fake(q, k, v, features, key_padding_mask, scale, causal, kernel):
     acc = acc_dtype(q)
     return (q.new_empty(B, H, L, Ev), q.new_empty(B, Hk, m, Ev + 1, dtype=acc),
             q.new_empty(B, H, L, dtype=acc), q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
+
+
+def step_fake(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel):
+    B, H, T, _ = q.shape
+    Hk, Ev, m = k.shape[1], v.shape[3], features.shape[0]
+    acc = acc_dtype(q)
+    return (q.new_empty(B, H, T, Ev), q.new_empty(B, Hk, m, Ev, dtype=acc), q.new_empty(B, Hk, m, dtype=acc),
+            q.new_empty(B, Hk, dtype=acc))
+
+
+def step_inplace_fake(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
 def backward_fake(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift, key_shift, scale,

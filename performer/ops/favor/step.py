@@ -6,8 +6,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..._validate import validate_favor_step
+from ... import _dispatch
+from ..._C_loader import unavailable_reason
+from ..._validate import FLOAT_DTYPES, validate_favor_step
+from .cpp import step_cuda_reason
 from .reference import favor_torch
+
+OP = "favor_attention_step"
 
 
 class FavorState(NamedTuple):
@@ -32,10 +37,49 @@ class FavorState(NamedTuple):
     key_max: torch.Tensor
 
 
+def _cpp_check(args) -> Optional[str]:
+    if args.needs_grad():
+        return "has no gradient (a gradient is recorded for query, key, value or the state); the torch backend has"
+    return step_cuda_reason() if args.device.type == "cuda" else None
+
+
+def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
+    """torch.ops.performer.favor_step, or favor_step_ where the caller lets the state be updated in place."""
+    state = a.state
+    if state is None:
+        out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.key_padding_mask, None,
+                                                             None, None, a.scale, a.kernel)
+        return out, FavorState(kv, z, key_max)
+    if a.inplace and all(t.is_contiguous() for t in state):
+        out = torch.ops.performer.favor_step_(a.q, a.k, a.v, a.features, a.key_padding_mask, *state, a.scale,
+                                              a.kernel)
+        return out, FavorState(*state)
+    out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.key_padding_mask, *state,
+                                                         a.scale, a.kernel)
+    return out, FavorState(kv, z, key_max)
+
+
+def _step_torch(a) -> tuple[torch.Tensor, FavorState]:
+    out, final = favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, True, a.kernel,
+                             initial_state=a.state, return_state=True)
+    return out, FavorState(*final)
+
+
+# The compiled step (csrc/cpu/favor_step_kernel.h, csrc/cuda/favor_step.cu) has no autograd: it
+# declines when a gradient is needed, and the plain-PyTorch recurrent form, differentiable, runs.
+# On CUDA tensors it runs only when asked for (backend="cpp"), like favor_attention's kernels.
+_dispatch.register(OP, _dispatch.Backend(
+    name="cpp", devices=("cpu", "cuda"), dtypes=FLOAT_DTYPES, run=_step_cpp, available=unavailable_reason,
+    check=_cpp_check, default=("cpu",)))
+_dispatch.register(OP, _dispatch.Backend(
+    name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, run=_step_torch))
+
+
 def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          state: Optional[FavorState] = None, *, features: torch.Tensor,
                          scale: Optional[float] = None, kernel: str = "softmax",
-                         key_padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, FavorState]:
+                         key_padding_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                         inplace: bool = False) -> tuple[torch.Tensor, FavorState]:
     """Causal FAVOR+ attention for new positions, continuing from ``state``.
 
     Stepping through a sequence in pieces of any sizes gives what
@@ -48,17 +92,22 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         key: (..., T, E), the same new positions; heads (dim -3) may divide the query's (GQA).
         value: (..., T, Ev).
         state: None to start a sequence, else the FavorState returned for the previous positions
-            (same batch, key heads, features and value size; its tensors are not modified).
+            (same batch, key heads, features and value size).
         features, scale, kernel: as for favor_attention; keep them the same for a whole sequence.
         key_padding_mask: bool (N, T) ((T,) for 2-D inputs); True ignores that new key for this
             and all later positions.
+        backend: None picks the first that fits: "cpp" (the fused C++ step, one call; on the CPU,
+            and on CUDA tensors when asked for) unless a gradient is needed, else "torch" (the
+            recurrent form in plain PyTorch, differentiable, any device). A name forces one.
+        inplace: False (default) leaves ``state``'s tensors untouched and returns new ones. True
+            lets the step update them in place and return them (the "cpp" backend does so for
+            contiguous states, saving a state-sized allocation and copy per call; "torch" returns
+            new tensors): for a caller that owns the state, like performer.nn.DecodingCache.
 
     Returns:
         (output (..., T, Ev) in the query's dtype, the FavorState after the new positions).
-
-    Runs the recurrent form of the "torch" backend (reference.favor_torch), on any device.
     """
-    args, initial = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask)
-    out, final = favor_torch(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, True,
-                             args.kernel, initial_state=initial, return_state=True)
-    return out.reshape(args.out_shape), FavorState(*final)
+    args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
+    impl = _dispatch.select(OP, args, backend)
+    out, final = impl.run(args)
+    return (out if args.out_shape is None else out.reshape(args.out_shape)), final

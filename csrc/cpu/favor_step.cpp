@@ -1,0 +1,96 @@
+// The FAVOR+ decoding step for the CPU dispatch key: checks, output allocation, and the call into the
+// kernel of the best instruction set (csrc/cpu/favor_step_kernel.h, compiled per ISA).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "../favor_checks.h"
+#include "dtypes.h"
+#include "kernels.h"
+
+namespace performer::cpu {
+namespace {
+
+View view_of(const at::Tensor& t) {
+  return View{const_cast<void*>(t.data_ptr()), {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
+}
+
+// Runs the kernel from `prev` (undefined: an empty state) into kv, normalizer, key_max; returns out.
+at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const FavorInputs& in,
+                    const FavorStepState& prev, at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max,
+                    double scale, std::string_view kernel) {
+  const FavorSizes& n = in.n;
+  at::Tensor out = at::empty({n.B, n.H, n.L, n.Ev}, q.options());
+  if (n.L == 0) {  // nothing new: the state carries over
+    if (!prev.kv.defined()) {
+      kv.zero_();
+      normalizer.zero_();
+      key_max.fill_(-std::numeric_limits<double>::infinity());
+    } else if (!kv.is_same(prev.kv)) {
+      kv.copy_(prev.kv);
+      normalizer.copy_(prev.normalizer);
+      key_max.copy_(prev.key_max);
+    }
+    return out;
+  }
+  StepParams p{};
+  p.dtype = dtype_of(q, "q");
+  p.kernel = kernel == "softmax" ? Kernel::softmax : Kernel::relu;
+  p.scale = scale;
+  p.B = n.B; p.H = n.H; p.Hk = n.Hk; p.T = n.L; p.E = n.E; p.Ev = n.Ev; p.m = n.m;
+  p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);
+  p.features = in.features.data_ptr();
+  p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  if (prev.kv.defined()) {
+    p.kv_in = prev.kv.data_ptr();
+    p.normalizer_in = prev.normalizer.data_ptr();
+    p.key_max_in = prev.key_max.data_ptr();
+  }
+  p.kv = kv.data_ptr();
+  p.normalizer = normalizer.data_ptr();
+  p.key_max = key_max.data_ptr();
+  p.out = out.data_ptr();
+  p.num_threads = at::get_num_threads();
+  kernels().favor_step(p);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv,
+    const std::optional<at::Tensor>& normalizer, const std::optional<at::Tensor>& key_max, double scale,
+    c10::string_view kernel) {
+  const std::string_view kn(kernel.data(), kernel.size());
+  const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
+  const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, false);
+  const FavorSizes& n = in.n;
+  const auto acc = q.options().dtype(favor_acc_dtype(q));
+  at::Tensor kv_out = at::empty({n.B, n.Hk, n.m, n.Ev}, acc);
+  at::Tensor z_out = at::empty({n.B, n.Hk, n.m}, acc);
+  at::Tensor max_out = at::empty({n.B, n.Hk}, acc);
+  at::Tensor out = run_step(q, k, v, in, prev, kv_out, z_out, max_out, scale, kn);
+  return {out, kv_out, z_out, max_out};
+}
+
+at::Tensor favor_step_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                       const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
+                       at::Tensor& key_max, double scale, c10::string_view kernel) {
+  const std::string_view kn(kernel.data(), kernel.size());
+  const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
+  const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, true);
+  return run_step(q, k, v, in, prev, kv, normalizer, key_max, scale, kn);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(performer, CPU, m) {
+  m.impl("favor_step", &favor_step);
+  m.impl("favor_step_", &favor_step_);
+}
+
+}  // namespace performer::cpu
