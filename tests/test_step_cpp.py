@@ -1,0 +1,185 @@
+"""The fused C++ decoding step (favor_attention_step's "cpp" backend) against the plain-PyTorch
+step: every spec, dtype and kernel, pieces of several sizes, in place, non-contiguous inputs and
+states, the multi-thread split of one head, every ISA copy, opcheck and torch.compile."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import performer
+from conftest import KERNELS, SPECS, dtype_id, make_case
+
+CAUSAL_SPECS = [s for s in SPECS if s.causal_ok]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2e-3}
+
+
+def step_both(case, bounds, kernel="softmax", inplace=False):
+    """Runs the case's sequence through both backends in the pieces given by ``bounds``; returns
+    [(out_cpp, out_torch, state_cpp, state_torch)] per piece."""
+    results, states = [], {"cpp": None, "torch": None}
+    for t0, t1 in zip(bounds[:-1], bounds[1:]):
+        mask = None if case.key_padding_mask is None else case.key_padding_mask[..., t0:t1]
+        piece = [t[..., t0:t1, :] for t in (case.q, case.k, case.v)]
+        got = {}
+        for backend in ("cpp", "torch"):
+            got[backend] = performer.favor_attention_step(
+                *piece, states[backend], features=case.features, scale=case.spec.scale, kernel=kernel,
+                key_padding_mask=mask, backend=backend, inplace=inplace and backend == "cpp")
+            states[backend] = got[backend][1]
+        results.append((got["cpp"][0], got["torch"][0], tuple(t.clone() for t in got["cpp"][1]), got["torch"][1]))
+    return results
+
+
+def assert_step_close(results, dtype):
+    tol = TOL[dtype]
+    for i, (oc, ot, sc, st) in enumerate(results):
+        assert oc.dtype == ot.dtype == dtype and oc.shape == ot.shape
+        torch.testing.assert_close(oc, ot, atol=tol, rtol=tol, msg=lambda m: f"piece {i} output: {m}")
+        state_tol = 1e-12 if dtype == torch.float64 else 2e-5
+        for name, a, b in zip(performer.FavorState._fields, sc, st):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            torch.testing.assert_close(a, b, atol=state_tol, rtol=state_tol, msg=lambda m: f"piece {i} {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("spec", CAUSAL_SPECS, ids=lambda s: s.id)
+def test_cpp_step_matches_torch_step(spec, masked, kernel, dtype):
+    """Token by token, then pieces of 3 and the rest: output and state equal the plain-PyTorch step."""
+    case = make_case(spec, dtype, masked=masked, seed=1)
+    L = spec.L
+    bounds = sorted({0, *range(1, min(L, 6)), min(L, 9), L})
+    assert_step_close(step_both(case, bounds, kernel), dtype)
+
+
+@pytest.mark.parametrize("spec", CAUSAL_SPECS[:2], ids=lambda s: s.id)
+def test_inplace_step_updates_the_given_state(spec):
+    case = make_case(spec, torch.float32, masked=True, seed=2)
+    bounds = sorted({0, 1, 2, 7, spec.L})
+    assert_step_close(step_both(case, bounds, inplace=True), torch.float32)
+    _, state = performer.favor_attention_step(case.q[..., :3, :], case.k[..., :3, :], case.v[..., :3, :],
+                                              features=case.features)
+    ptrs = [t.data_ptr() for t in state]
+    _, after = performer.favor_attention_step(case.q[..., 3:4, :], case.k[..., 3:4, :], case.v[..., 3:4, :], state,
+                                              features=case.features, inplace=True)
+    assert [t.data_ptr() for t in after] == ptrs
+
+
+def test_non_contiguous_inputs_and_state():
+    """Strided query/key/value and a transposed-storage state (updated out of place even with inplace=True)."""
+    spec = SPECS[0]
+    case = make_case(spec, torch.float32, seed=3)
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (case.q, case.k, case.v))
+    _, state = performer.favor_attention_step(q[..., :5, :], k[..., :5, :], v[..., :5, :], features=case.features)
+    strided = performer.FavorState(state.kv.transpose(-1, -2).contiguous().transpose(-1, -2),
+                                   torch.stack([state.normalizer] * 2, -1)[..., 0],
+                                   state.key_max.clone())
+    assert not strided.kv.is_contiguous() and not strided.normalizer.is_contiguous()
+    piece = [t[..., 5:6, :] for t in (q, k, v)]
+    want, want_state = performer.favor_attention_step(*piece, state, features=case.features, backend="torch")
+    got, got_state = performer.favor_attention_step(*piece, strided, features=case.features, backend="cpp",
+                                                    inplace=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for a, b in zip(got_state, want_state):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_one_head_split_across_threads():
+    """B = Hk = 1 with m = 256: the kernel splits the features and value columns over the threads."""
+    g = torch.Generator().manual_seed(4)
+    E, m, Ev = 64, 256, 64
+    w = performer.orthogonal_features(m, E, generator=g)
+    q, k, v = (torch.randn(1, 8, 40, d, generator=g) for d in (E, E, Ev))
+    k, v = k[:, :1], v[:, :1]   # GQA: eight query heads on one key head
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            case = dataclasses.replace(make_case(SPECS[0], torch.float32), q=q, k=k, v=v, features=w,
+                                       key_padding_mask=None)
+            assert_step_close(step_both(case, [0, 1, 2, 3, 17, 40]), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gradient_falls_back_to_torch():
+    case = make_case(SPECS[0], torch.float64, requires_grad=True, seed=5)
+    with pytest.raises(ValueError, match="has no gradient"):
+        performer.favor_attention_step(case.q[..., :2, :], case.k[..., :2, :], case.v[..., :2, :],
+                                       features=case.features, backend="cpp")
+    out, state = performer.favor_attention_step(case.q[..., :2, :], case.k[..., :2, :], case.v[..., :2, :],
+                                                features=case.features)
+    assert out.requires_grad and state.kv.requires_grad
+    x = [t.detach()[..., :3, :].clone().requires_grad_() for t in (case.q, case.k, case.v)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: performer.favor_attention_step(q, k, v, features=case.features)[0], x)
+
+
+def _step_samples(dtype=torch.float32):
+    case = make_case(SPECS[0], dtype, masked=True, seed=6)
+    _, state = performer.favor_attention_step(case.q[..., :4, :], case.k[..., :4, :], case.v[..., :4, :],
+                                              features=case.features)
+    q, k, v = (t[..., 4:6, :].contiguous() for t in (case.q, case.k, case.v))
+    scale = case.q.shape[-1] ** -0.5
+    return q, k, v, case.features, case.key_padding_mask[..., 4:6].contiguous(), state, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_opcheck_step_ops(dtype):
+    q, k, v, w, mask, state, scale = _step_samples(dtype)
+    torch.library.opcheck(torch.ops.performer.favor_step.default, (q, k, v, w, mask, *state, scale, "softmax"))
+    torch.library.opcheck(torch.ops.performer.favor_step.default, (q, k, v, w, None, None, None, None, scale, "relu"))
+    torch.library.opcheck(torch.ops.performer.favor_step_.default,
+                          (q, k, v, w, mask, *(t.clone() for t in state), scale, "softmax"))
+
+
+def test_compiled_decoding_loop():
+    q, k, v, w, mask, state, scale = _step_samples()
+
+    def step(q, k, v, state):
+        out, new = performer.favor_attention_step(q, k, v, state, features=w)
+        return out, new
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    want, want_state = step(q, k, v, state)
+    got, got_state = compiled(q, k, v, state)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_state, want_state):
+        torch.testing.assert_close(a, b)
+
+
+STEP_ISA_SCRIPT = """
+import json, torch, performer
+from conftest import Spec, make_case
+from test_step_cpp import assert_step_close, step_both
+checked = 0
+for spec in (Spec("isa", 2, 4, 2, 21, 21, 16, 9, 20), Spec("isa_wide", 1, 8, 1, 9, 9, 64, 64, 256)):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for kernel in ("softmax", "relu"):
+            case = make_case(spec, dtype, masked=spec.B > 1, seed=7)
+            assert_step_close(step_both(case, [0, 1, 2, 5, spec.L], kernel), dtype)
+            checked += 1
+print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_copy_of_the_step(isa):
+    probe = subprocess.run([sys.executable, "-c", "import torch, performer; print(torch.ops.performer.cpu_isa())"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    detected = probe.stdout.strip().splitlines()[-1]
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(detected):
+        pytest.skip(f"this CPU runs at most {detected}")
+    env = dict(os.environ, PERFORMER_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", STEP_ISA_SCRIPT], env=env, cwd=os.path.join(REPO, "tests"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"PERFORMER_CPU_ISA={isa}:\n{proc.stdout}\n{proc.stderr}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"isa": isa, "checked": 12}
