@@ -1,10 +1,12 @@
 // Every op schema of the package, declared once. Kernels register per device under csrc/<device>/;
 // fake kernels and autograd are registered from Python (performer/ops/*/cpp.py).
-#include <Python.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
+#include "cpu/favor_step.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(performer, m) {
@@ -42,8 +44,17 @@ TORCH_LIBRARY(performer, m) {
   });
 }
 
-// Importing performer._C runs the registrations above; the module itself holds nothing.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+// Importing performer._C runs the registrations above. The module holds one function: the in-place
+// decoding step called directly, without the dispatcher's few microseconds per call, which is most
+// of a decoding step's cost. performer.favor_attention_step calls it in eager mode on CPU tensors
+// that need no gradient (torch.compile and everything else go through torch.ops.performer.favor_step_).
+PYBIND11_MODULE(_C, m) {
+  m.def("favor_step_", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                          const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
+                          at::Tensor& key_max, double scale, const std::string& kernel) {
+    TORCH_CHECK(q.device().is_cpu(), "performer._C.favor_step_ runs on CPU tensors; got ", q.device());
+    pybind11::gil_scoped_release no_gil;
+    return performer::cpu::favor_step_inplace(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale,
+                                              c10::string_view(kernel.data(), kernel.size()));
+  });
 }

@@ -42,8 +42,15 @@ class Backend:
 _REGISTRY: dict[str, list[Backend]] = {}
 
 
+# The backend chosen for args with the same memo_key(): args types whose backends' checks depend on
+# nothing else define memo_key (a hashable of device type, dtype and whatever else the checks read),
+# and per-token calls then skip the checks. Only choices that succeeded are kept.
+_CHOSEN: dict[tuple, Backend] = {}
+
+
 def register(op: str, backend: Backend) -> None:
     _REGISTRY.setdefault(op, []).append(backend)
+    _CHOSEN.clear()
 
 
 def backends(op: str) -> list[Backend]:
@@ -51,6 +58,17 @@ def backends(op: str) -> list[Backend]:
 
 
 def select(op: str, args, backend: Optional[str] = None) -> Backend:
+    memo_key = getattr(args, "memo_key", None)
+    if memo_key is None:
+        return _select(op, args, backend)
+    key = (op, backend, memo_key())
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _select(op, args, backend)
+    return chosen
+
+
+def _select(op: str, args, backend: Optional[str]) -> Backend:
     candidates = _REGISTRY[op]
     if backend is not None:
         check_choice("backend", backend, tuple(b.name for b in candidates))

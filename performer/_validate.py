@@ -273,7 +273,7 @@ class FavorStepArgs(NamedTuple):
     v (B, Hk, T, Ev), features, key_padding_mask (None or bool (B, T)), scale and kernel; ``state``
     None or the (kv, normalizer, key_max) tuple checked against them; ``out_shape`` the output's
     shape in the caller's layout (None: already (B, H, T, Ev)); ``inplace``: the caller lets the
-    step update ``state``'s tensors."""
+    step update ``state``'s tensors; ``plain``: no tensor is a subclass (FakeTensor, ...)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -285,6 +285,7 @@ class FavorStepArgs(NamedTuple):
     out_shape: Optional[tuple]
     state: Optional[tuple]
     inplace: bool
+    plain: bool = False   # every tensor is a plain torch.Tensor (no subclass), as the fast path checks
 
     @property
     def device(self) -> torch.device:
@@ -300,6 +301,10 @@ class FavorStepArgs(NamedTuple):
             return False
         state = self.state or ()
         return any(t.requires_grad for t in (self.q, self.k, self.v, *state))
+
+    def memo_key(self) -> tuple:
+        """What favor_attention_step's backends decide on (performer._dispatch.select)."""
+        return self.q.device.type, self.q.dtype, self.needs_grad()
 
 
 _TENSOR = torch.Tensor
@@ -344,7 +349,7 @@ def _fast_step_args(q, k, v, state, f, scale, kernel, mask, inplace) -> Optional
                 and kv.device == device and z.device == device and key_max.device == device):
             return None
         state = (kv, z, key_max)
-    return FavorStepArgs(q, k, v, f, mask, scale, kernel, None, state, inplace)
+    return FavorStepArgs(q, k, v, f, mask, scale, kernel, None, state, inplace, True)
 
 
 def validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask,

@@ -11,6 +11,7 @@
 
 #include "../favor_checks.h"
 #include "dtypes.h"
+#include "favor_step.h"
 #include "kernels.h"
 
 namespace performer::cpu {
@@ -77,20 +78,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step(
   return {out, kv_out, z_out, max_out};
 }
 
-at::Tensor favor_step_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                       const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
-                       at::Tensor& key_max, double scale, c10::string_view kernel) {
+}  // namespace
+
+at::Tensor favor_step_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                              const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
+                              at::Tensor& key_max, double scale, c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
   const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, true);
   return run_step(q, k, v, in, prev, kv, normalizer, key_max, scale, kn);
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(performer, CPU, m) {
   m.impl("favor_step", &favor_step);
-  m.impl("favor_step_", &favor_step_);
+  m.impl("favor_step_", &favor_step_inplace);
 }
 
 }  // namespace performer::cpu

@@ -76,12 +76,12 @@ def matmul_inputs(shape: registry.MatmulShape, dtype: torch.dtype, device: str =
     return a, _randn((shape.batch, shape.K, shape.N), g, dtype, device)
 
 
-def decode_inputs(spec: registry.DecodeSuite, prefix: int, dtype: torch.dtype, device: str = "cpu"):
+def decode_inputs(spec: registry.DecodeSuite, batch: int, prefix: int, dtype: torch.dtype, device: str = "cpu"):
     """The prefix's keys and values, one new token's q, k, v, and the features."""
     g = torch.Generator().manual_seed(0)
-    shape = (spec.batch, spec.heads, prefix, spec.dim)
+    shape = (batch, spec.heads, prefix, spec.dim)
     prefix_k, prefix_v = _randn(shape, g, dtype, device), _randn(shape, g, dtype, device)
-    q, k, v = (_randn((spec.batch, spec.heads, 1, spec.dim), g, dtype, device) for _ in range(3))
+    q, k, v = (_randn((batch, spec.heads, 1, spec.dim), g, dtype, device) for _ in range(3))
     return prefix_k, prefix_v, (q, k, v), performer.orthogonal_features(spec.num_features, spec.dim, generator=g).to(device)
 
 
@@ -113,11 +113,11 @@ def _matmul_case(impl, shape, dtype, device) -> Case:
     return Case("matmul", impl.name, params, setup, flops=shape.flops)
 
 
-def _decode_case(spec, impl, prefix, dtype, device) -> Case:
+def _decode_case(spec, impl, batch, prefix, dtype, device) -> Case:
     def setup():
-        prefix_k, prefix_v, token, w = decode_inputs(spec, prefix, DTYPES[dtype], device)
+        prefix_k, prefix_v, token, w = decode_inputs(spec, batch, prefix, DTYPES[dtype], device)
         return decode_call(impl, prefix_k, prefix_v, token, w)
-    return Case("decode", impl.name, {"prefix": prefix, "dtype": dtype}, setup)
+    return Case("decode", impl.name, {"batch": batch, "prefix": prefix, "dtype": dtype}, setup)
 
 
 def _unavailable(probe: Case) -> Optional[str]:
@@ -185,8 +185,10 @@ def peak_case(suite: str) -> Case:
 def plan_decode(spec: registry.DecodeSuite, prefixes, dtypes, device: str) -> Plan:
     def make(impl, **point):
         return _decode_case(spec, impl, device=device, **point)
-    grid = [dict(prefix=n, dtype=dt) for dt in dtypes for n in prefixes]
-    return _plan("decode", _shape(spec), spec.impls, make, grid, dict(grid[0], prefix=4), device)
+    grid = [dict(batch=b, prefix=n, dtype=dt) for dt in dtypes for b in spec.batches for n in prefixes
+            if b * n <= spec.max_tokens]
+    settings = {"batches": spec.batches, "heads": spec.heads, "dim": spec.dim, "num_features": spec.num_features}
+    return _plan("decode", settings, spec.impls, make, grid, dict(grid[0], batch=1, prefix=4), device)
 
 
 def accuracy_errors(spec: registry.AccuracySuite, temperature: float, m: int) -> dict:

@@ -15,7 +15,7 @@ from performer.bench.report import (_attention_groups, attention_crossovers, gro
 
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
-         "step": dict(color="tab:blue", marker="o")}
+         "step": dict(color="tab:blue", marker="o"), "step_torch": dict(color="tab:green", marker="^")}
 DTYPE_LINES = ("-", "--", ":", "-.")
 DTYPE_HATCHES = (None, "//", "..", "xx")
 
@@ -173,15 +173,16 @@ def accuracy(payload: dict, path: str) -> str:
 
 def decode(payload: dict, path: str) -> str:
     records = payload["records"]
-    rows = pivot(records, "decode", ("prefix", "dtype"))
+    rows = pivot(records, "decode", ("batch", "prefix", "dtype"))
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for impl in present_impls(records, "decode"):
-        for dtype, linestyle in zip(dict.fromkeys(dt for _, dt in rows), DTYPE_LINES):
-            pts = sorted((n, by[impl.name]) for (n, dt), by in rows.items() if dt == dtype and impl.name in by)
-            _errorbar(ax, [n for n, _ in pts], [m for _, m in pts], f"{impl.label}, {dtype}",
+        for (batch, dtype), linestyle in zip(dict.fromkeys((b, dt) for b, _, dt in rows), DTYPE_LINES):
+            pts = sorted((n, by[impl.name]) for (b, n, dt), by in rows.items()
+                         if (b, dt) == (batch, dtype) and impl.name in by)
+            _errorbar(ax, [n for n, _ in pts], [m for _, m in pts], f"{impl.label}, B={batch}, {dtype}",
                       dict(STYLE[impl.name], linestyle=linestyle))
-    _log_axes(ax, [n for n, _ in rows], "prefix length (tokens)", "time per decoded token (ms)", "")
-    title = ("Decoding: time of one token after a prefix, lower is better\n(B={batch}, H={heads}, E={dim}, m={num_features}; "
+    _log_axes(ax, [n for _, n, _ in rows], "prefix length (tokens)", "time per decoded token (ms)", "")
+    title = ("Decoding: time of one token after a prefix, lower is better\n(H={heads}, E={dim}, m={num_features}; "
              "bars: ± half the interquartile range)".format(**payload["suites"]["decode"]["settings"]))
     return _save(fig, payload, path, title, legend_from=ax)
 

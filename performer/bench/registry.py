@@ -176,21 +176,25 @@ ACCURACY = AccuracySuite(length=1024, heads=4, dim=64, temperatures=(0.25, 0.5),
 
 @dataclass(frozen=True)
 class DecodeSuite:
-    batch: int
+    batches: tuple[int, ...]         # B = 1: one sequence; more: batched decoding
     heads: int
     dim: int
     num_features: int
     prefixes: Sizes
+    max_tokens: int                  # largest batch x prefix run (SDPA's cache holds 2 x that x H x E floats)
     dtypes: tuple[str, ...]
     impls: tuple[Impl, ...]          # fn(prefix_k, prefix_v, features) -> step(q, k, v) for one token
 
 
-def _favor_step(prefix_k, prefix_v, features):
-    step = getattr(performer, "favor_attention_step", None)
-    if step is None:
-        raise NotImplementedError("performer.favor_attention_step is not in this version of performer")
-    _, state = step(prefix_k, prefix_k, prefix_v, None, features=features)  # the prefix's state
-    return lambda q, k, v: step(q, k, v, state, features=features)
+def _favor_step_with(**options):
+    def make(prefix_k, prefix_v, features):
+        step = getattr(performer, "favor_attention_step", None)
+        if step is None:
+            raise NotImplementedError("performer.favor_attention_step is not in this version of performer")
+        _, state = step(prefix_k, prefix_k, prefix_v, None, features=features, **options)  # the prefix's state
+        # A decoder owns its state (performer.nn.DecodingCache, the Hugging Face FavorCache): updated in place.
+        return lambda q, k, v: step(q, k, v, state, features=features, inplace=True, **options)
+    return make
 
 
 def _sdpa_kv_cache(prefix_k, prefix_v, features):
@@ -207,10 +211,12 @@ def _sdpa_kv_cache(prefix_k, prefix_v, features):
 
 
 DECODE = DecodeSuite(
-    batch=1, heads=8, dim=64, num_features=256,
-    prefixes=Sizes(full=(256, 1024, 4096, 16384, 65536), quick=(256, 1024, 4096, 16384)),
+    batches=(1, 16), heads=8, dim=64, num_features=256,
+    prefixes=Sizes(full=(128, 512, 2048, 8192, 16384, 65536), quick=(128, 1024, 8192)), max_tokens=65536 * 4,
     dtypes=("float32",),
-    impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step", _favor_step),
+    impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step (fused C++ step)", _favor_step_with()),
+           Impl("step_torch", "torch step", "FAVOR+ step in plain PyTorch (backend='torch')",
+                _favor_step_with(backend="torch"), baseline=True),
            Impl("sdpa", "SDPA", "torch SDPA with a KV cache (exact)", _sdpa_kv_cache, baseline=True)))
 
 SUITES = {"attention": ATTENTION, "matmul": MATMUL, "accuracy": ACCURACY, "decode": DECODE}

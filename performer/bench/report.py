@@ -183,13 +183,13 @@ def accuracy_section(records: list[dict], settings: dict) -> str:
 def decode_section(records: list[dict], settings: dict) -> str:
     impls = present_impls(records, "decode")
     subjects, baselines = _roles(impls)
-    rows = [[str(n), dtype, *(fmt_ms(by.get(i.name)) for i in impls),
-             *(speedup(by, s.name, b.name) for s in subjects for b in baselines)]
-            for (n, dtype), by in pivot(records, "decode", ("prefix", "dtype")).items()]
-    headers = ["prefix", "dtype", *(f"{i.short} ms/token" for i in impls),
+    rows = [[str(b), str(n), dtype, *(fmt_ms(by.get(i.name)) for i in impls),
+             *(speedup(by, s.name, base.name) for s in subjects for base in baselines)]
+            for (b, n, dtype), by in pivot(records, "decode", ("batch", "prefix", "dtype")).items()]
+    headers = ["B", "prefix", "dtype", *(f"{i.short} ms/token" for i in impls),
                *(f"{s.short} vs {b.short}" for s in subjects for b in baselines)]
-    return "\n".join(["### Decoding: cost of one token after a prefix, B={batch} H={heads} E={dim} m={num_features}"
-                      .format(**settings), "", md_table(headers, rows, left=2), "", NOISY_NOTE, ""])
+    return "\n".join(["### Decoding: cost of one token after a prefix, H={heads} E={dim} m={num_features}"
+                      .format(**settings), "", md_table(headers, rows, left=3), "", NOISY_NOTE, ""])
 
 
 SECTIONS = {"attention": attention_section, "matmul": matmul_section, "accuracy": accuracy_section,

@@ -250,7 +250,7 @@ def _favor_attention_forward(options, module, query, key, value, attention_mask,
             raise ValueError(f"FavorCache holds a causal state, but {type(module).__name__} attends bidirectionally "
                              "here; use it only with decoder (causal) attention")
         out, layer.state = favor_attention_step(query, key, value, layer.state, features=features, scale=scaling,
-                                                kernel=options["kernel"], key_padding_mask=padding)
+                                                kernel=options["kernel"], key_padding_mask=padding, inplace=True)
         layer.pending = False
     else:
         out = favor_attention(query, key, value, is_causal=causal and L > 0, scale=scaling, features=features,

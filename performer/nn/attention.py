@@ -180,7 +180,7 @@ class PerformerAttention(RandomFeatures):
         features = self._features_for_forward()
         if cache is not None:
             out, cache.state = favor_attention_step(q, k, v, cache.state, features=features, kernel=self.kernel,
-                                                    key_padding_mask=mask)
+                                                    key_padding_mask=mask, inplace=True)
         else:
             out = favor_attention(q, k, v, is_causal=x.causal, features=features, key_padding_mask=mask,
                                   kernel=self.kernel)

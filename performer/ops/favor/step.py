@@ -6,11 +6,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ... import _dispatch
+from ... import _C_loader, _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor_step
 from .cpp import step_cuda_reason
 from .reference import favor_torch
+
+_C = getattr(_C_loader, "_C", None)
 
 OP = "favor_attention_step"
 
@@ -43,6 +45,14 @@ def _cpp_check(args) -> Optional[str]:
     return step_cuda_reason() if args.device.type == "cuda" else None
 
 
+def _direct(a) -> bool:
+    """Whether the in-place step may call the extension directly (performer._C.favor_step_, the same
+    kernel as torch.ops.performer.favor_step_ without the dispatcher's microseconds): eager mode on
+    plain CPU tensors, with no torch.compile tracing and no dispatch mode (FakeTensorMode,
+    FlopCounterMode, ...) that must see the op."""
+    return a.plain and a.q.is_cpu and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+
+
 def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
     """torch.ops.performer.favor_step, or favor_step_ where the caller lets the state be updated in place."""
     state = a.state
@@ -51,6 +61,9 @@ def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
                                                              None, None, a.scale, a.kernel)
         return out, FavorState(kv, z, key_max)
     if a.inplace and all(t.is_contiguous() for t in state):
+        if _direct(a):
+            out = _C.favor_step_(a.q, a.k, a.v, a.features, a.key_padding_mask, *state, a.scale, a.kernel)
+            return out, FavorState(*state)
         out = torch.ops.performer.favor_step_(a.q, a.k, a.v, a.features, a.key_padding_mask, *state, a.scale,
                                               a.kernel)
         return out, FavorState(*state)
