@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -10,10 +12,20 @@ from torch import nn
 from ._validate import validate_feature_options
 from .nn.attention import PerformerAttention
 
+log = logging.getLogger("performer")
+
+# Attention modules convert() does not replace, by the package that defines them: how to use FAVOR+ there.
+_INTEGRATIONS = {
+    "transformers": "Hugging Face models take FAVOR+ through performer.integrations.hf: call "
+                    "performer.integrations.hf.register() once, then model.set_attn_implementation('favor') "
+                    "(or attn_implementation='favor' in from_config/from_pretrained)",
+    "timm": "performer has no timm integration yet; timm models are left unchanged",
+}
+
 
 def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax",
             generator: Optional[torch.Generator] = None, feature_redraw_interval: Optional[int] = None,
-            inplace: bool = True) -> nn.Module:
+            inplace: bool = True, strict: bool = False) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (those inside nn.Transformer and its
     encoder/decoder layers included) by a ``PerformerAttention`` with the same configuration that
     shares its parameters (``PerformerAttention.from_multihead_attention``); returns the model.
@@ -24,6 +36,11 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
         generator: draws every module's initial features (and later redraws), in module order;
             None: each module seeds its own generator from the global RNG.
         inplace: False converts a deep copy and leaves ``model`` untouched.
+        strict: raise a ValueError when nothing was replaced, instead of warning.
+
+    Logs (logger "performer", level INFO) how many modules it replaced. When it replaced none, it
+    warns (UserWarning), naming the attention classes it found in the model and which integration
+    handles them (Hugging Face models: ``performer.integrations.hf``).
 
     A module shared by several parents stays shared. Encoder layers holding a PerformerAttention
     are kept off torch's fused inference path (see ``disable_fused_encoder_paths``). Attention
@@ -33,14 +50,16 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     validate_feature_options(num_features, kernel, feature_redraw_interval, generator)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool; got {type(inplace).__name__}")
+    for name, flag in (("inplace", inplace), ("strict", strict)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
 
     options = dict(num_features=num_features, kernel=kernel, feature_redraw_interval=feature_redraw_interval,
                    generator=generator)
     if isinstance(model, nn.MultiheadAttention):
+        log.info("performer.convert: replaced 1 nn.MultiheadAttention with PerformerAttention")
         return PerformerAttention.from_multihead_attention(model, **options)
     converted: dict[int, PerformerAttention] = {}
     for parent in list(model.modules()):
@@ -49,8 +68,36 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
                 if id(child) not in converted:
                     converted[id(child)] = PerformerAttention.from_multihead_attention(child, **options)
                 setattr(parent, name, converted[id(child)])
+    if not converted:
+        message = _nothing_replaced(model)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+    else:
+        log.info("performer.convert: replaced %d nn.MultiheadAttention module(s) with PerformerAttention",
+                 len(converted))
     disable_fused_encoder_paths(model)
     return model
+
+
+def _nothing_replaced(model: nn.Module) -> str:
+    """Why convert() replaced nothing: the attention-like classes found, and who handles them."""
+    found: dict[str, list[str]] = {}
+    for module in model.modules():
+        cls = type(module)
+        if "attention" in cls.__name__.lower() and not isinstance(module, PerformerAttention):
+            found.setdefault(cls.__module__.split(".")[0], []).append(f"{cls.__module__}.{cls.__qualname__}")
+    if not found:
+        return (f"performer.convert replaced nothing: {type(model).__name__} has no nn.MultiheadAttention "
+                "(nor any other attention module)")
+    lines = []
+    for package, names in found.items():
+        counted = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+        hint = _INTEGRATIONS.get(package, "convert() replaces only nn.MultiheadAttention; use "
+                                 "performer.nn.PerformerAttention or performer.favor_attention in their place")
+        lines.append(f"{counted}: {hint}")
+    return (f"performer.convert replaced nothing: {type(model).__name__} has no nn.MultiheadAttention; found "
+            + "; ".join(lines))
 
 
 def disable_fused_encoder_paths(model: nn.Module) -> nn.Module:

@@ -160,3 +160,27 @@ def test_converted_model_loads_a_checkpoint_of_the_original():
         assert torch.equal(converted.state_dict()[name], t), name
     for name, t in features.items():
         assert torch.equal(converted.state_dict()[name], t), name
+
+
+class TinyAttention(nn.Module):  # an attention convert() does not know
+    def forward(self, x):
+        return x
+
+
+def test_convert_logs_how_many_modules_it_replaced(caplog):
+    with caplog.at_level("INFO", logger="performer"):
+        performer.convert(transformer(), num_features=8)
+    assert "replaced 6 nn.MultiheadAttention module(s) with PerformerAttention" in caplog.text
+
+
+def test_convert_warns_naming_the_attention_classes_it_did_not_replace():
+    model = nn.Sequential(nn.Linear(4, 4), TinyAttention(), TinyAttention())
+    with pytest.warns(UserWarning, match="replaced nothing: Sequential has no nn.MultiheadAttention; found "
+                                         r"test_convert.TinyAttention x2: convert\(\) replaces only"):
+        assert performer.convert(model) is model
+    with pytest.raises(ValueError, match="test_convert.TinyAttention x2"):
+        performer.convert(model, strict=True)
+    with pytest.warns(UserWarning, match="Linear has no nn.MultiheadAttention \\(nor any other attention module\\)"):
+        performer.convert(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="strict must be a bool; got str"):
+        performer.convert(model, strict="yes")

@@ -321,3 +321,13 @@ def test_favor_cache_with_bidirectional_attention_raises():
     cache = favor_hf.FavorCache()
     with torch.no_grad(), pytest.raises(ValueError, match="FavorCache holds a causal state, but BertSelfAttention"):
         model(tokens(1, 4), cache=cache)
+
+
+@pytest.mark.parametrize("build", [bert, gpt2], ids=["bert", "gpt2"])
+def test_convert_points_hf_models_to_the_integration(build):
+    model = build("sdpa")
+    with pytest.warns(UserWarning, match=r"found transformers\.models\.\w+\.modeling_\w+\.\w+Attention x2.*"
+                                         r"performer\.integrations\.hf\.register\(\)"):
+        performer.convert(model)
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        performer.convert(model, strict=True)
