@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ _INTEGRATIONS = {
     "transformers": "Hugging Face models take FAVOR+ through performer.integrations.hf: call "
                     "performer.integrations.hf.register() once, then model.set_attn_implementation('favor') "
                     "(or attn_implementation='favor' in from_config/from_pretrained)",
-    "timm": "performer has no timm integration yet; timm models are left unchanged",
+    "timm": "timm models take FAVOR+ through performer.integrations.timm: call "
+            "performer.integrations.timm.convert(model)",
 }
 
 
@@ -47,27 +48,9 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     weights are no longer available: the converted modules reject need_weights=True and masks
     other than key padding and the causal mask (see PerformerAttention).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    validate_feature_options(num_features, kernel, feature_redraw_interval, generator)
-    for name, flag in (("inplace", inplace), ("strict", strict)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
-
-    options = dict(num_features=num_features, kernel=kernel, feature_redraw_interval=feature_redraw_interval,
-                   generator=generator)
-    if isinstance(model, nn.MultiheadAttention):
-        log.info("performer.convert: replaced 1 nn.MultiheadAttention with PerformerAttention")
-        return PerformerAttention.from_multihead_attention(model, **options)
-    converted: dict[int, PerformerAttention] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):  # named_children() would skip a repeated child
-            if isinstance(child, nn.MultiheadAttention):
-                if id(child) not in converted:
-                    converted[id(child)] = PerformerAttention.from_multihead_attention(child, **options)
-                setattr(parent, name, converted[id(child)])
+    model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict)
+    model, converted = replace_modules(model, lambda m: isinstance(m, nn.MultiheadAttention),
+                                       lambda m: PerformerAttention.from_multihead_attention(m, **options))
     if not converted:
         message = _nothing_replaced(model)
         if strict:
@@ -80,19 +63,60 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     return model
 
 
+def prepare(model: nn.Module, num_features: int, kernel: str, feature_redraw_interval: Optional[int],
+            generator: Optional[torch.Generator], inplace: bool, strict: bool) -> tuple[nn.Module, dict]:
+    """The checks every convert function makes: (the model to convert, a deep copy unless
+    ``inplace``; the feature options for each new module)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    validate_feature_options(num_features, kernel, feature_redraw_interval, generator)
+    for name, flag in (("inplace", inplace), ("strict", strict)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    options = dict(num_features=num_features, kernel=kernel, feature_redraw_interval=feature_redraw_interval,
+                   generator=generator)
+    return (model if inplace else copy.deepcopy(model)), options
+
+
+def replace_modules(model: nn.Module, wanted: Callable[[nn.Module], bool],
+                    make: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
+    """Put ``make(m)`` in place of every module ``m`` of ``model`` with ``wanted(m)``, ``model``
+    itself included, in module order (so a generator draws features in that order); a module shared
+    by several parents stays shared. Returns (the model, or its replacement; the new modules)."""
+    converted: dict[int, nn.Module] = {}
+
+    def swap(module: nn.Module) -> nn.Module:
+        if id(module) not in converted:
+            converted[id(module)] = make(module)
+        return converted[id(module)]
+
+    if wanted(model):
+        return swap(model), list(converted.values())
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() would skip a repeated child
+            if child is not None and wanted(child):
+                setattr(parent, name, swap(child))
+    return model, list(converted.values())
+
+
+def count_classes(classes: Iterable[type]) -> str:
+    """'module.Class xN, ...' for ``classes`` (one entry per module), in order of first appearance."""
+    names = [f"{c.__module__}.{c.__qualname__}" for c in classes]
+    return ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+
+
 def _nothing_replaced(model: nn.Module) -> str:
     """Why convert() replaced nothing: the attention-like classes found, and who handles them."""
-    found: dict[str, list[str]] = {}
+    found: dict[str, list[nn.Module]] = {}
     for module in model.modules():
-        cls = type(module)
-        if "attention" in cls.__name__.lower() and not isinstance(module, PerformerAttention):
-            found.setdefault(cls.__module__.split(".")[0], []).append(f"{cls.__module__}.{cls.__qualname__}")
+        if "attention" in type(module).__name__.lower() and not isinstance(module, PerformerAttention):
+            found.setdefault(type(module).__module__.split(".")[0], []).append(module)
     if not found:
         return (f"performer.convert replaced nothing: {type(model).__name__} has no nn.MultiheadAttention "
                 "(nor any other attention module)")
     lines = []
-    for package, names in found.items():
-        counted = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+    for package, modules in found.items():
+        counted = count_classes(type(m) for m in modules)
         hint = _INTEGRATIONS.get(package, "convert() replaces only nn.MultiheadAttention; use "
                                  "performer.nn.PerformerAttention or performer.favor_attention in their place")
         lines.append(f"{counted}: {hint}")

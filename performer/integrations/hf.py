@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._validate import check_choice, check_positive_int
 from ..features import orthogonal_features
 from ..ops.favor import FavorState, favor_attention, favor_attention_step
+from ._masks import reduce_mask
 
 __all__ = ["FavorCache", "FavorCacheLayer", "prepare", "redraw_features", "register"]
 
@@ -194,38 +195,6 @@ def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     return attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
 
 
-def _reduce_mask(mask: torch.Tensor, batch: int, L: int, S: int) -> tuple[Optional[torch.Tensor], Optional[bool]]:
-    """(key_padding_mask with True = ignore, causal or None) from a 2-D (batch, S) mask with True =
-    attend, or from a 4-D (batch | 1, heads | 1, L, S) one that is exactly padding or padding plus
-    causal (bottom-right aligned); None for causal means "as the module says"."""
-    if mask.dim() == 2:
-        if tuple(mask.shape) != (batch, S) or mask.dtype != torch.bool:
-            raise ValueError(f"attention_mask (2-D) must be bool (batch, S) = ({batch}, {S}); got {mask.dtype} "
-                             f"{tuple(mask.shape)}")
-        return ~mask, None
-    if mask.dim() != 4 or mask.shape[-2:] != (L, S) or mask.shape[0] not in (1, batch):
-        raise ValueError(f"attention_mask must be 2-D (batch, S) or 4-D (batch, heads, L, S) with L={L}, S={S}; "
-                         f"got shape {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        keep = mask
-    else:
-        keep = mask == 0
-        if not (keep | (mask <= torch.finfo(mask.dtype).min / 2)).all():
-            raise ValueError("attention_mask holds additive biases (values other than 0 and large negatives); "
-                             "FAVOR+ can only ignore keys (padding) or apply causal masking")
-    if not (keep == keep[:, :1]).all():
-        raise ValueError("attention_mask differs between heads; FAVOR+ applies one padding and causal pattern to all")
-    keep = keep[:, 0].expand(batch, L, S)
-    visible = keep.any(dim=1)                                             # (batch, S)
-    if (keep == visible[:, None, :]).all():
-        return ~visible, False
-    tril = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril(S - L)
-    if (keep == (visible[:, None, :] & tril)).all():
-        return ~visible, True
-    raise ValueError("attention_mask is neither key padding nor key padding plus a causal mask; FAVOR+ never forms "
-                     "the attention matrix an arbitrary mask would apply to")
-
-
 # ---- the attention function ---------------------------------------------------------------------
 
 def _favor_attention_forward(options, module, query, key, value, attention_mask, dropout, scaling, is_causal,
@@ -240,7 +209,7 @@ def _favor_attention_forward(options, module, query, key, value, attention_mask,
                       "them; use attn_implementation='eager' to get them", stacklevel=3)
     B, _, L, _ = query.shape
     S = key.shape[-2]
-    padding, causal = (None, None) if attention_mask is None else _reduce_mask(attention_mask, B, L, S)
+    padding, causal = (None, None) if attention_mask is None else reduce_mask(attention_mask, B, L, S)
     if causal is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     features = _features(options, module, query.shape[-1], query)
