@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -137,6 +138,27 @@ inline FavorStepState check_favor_step_state(const FavorSizes& n, const at::Tens
     *dst[i++] = t->contiguous();
   }
   return out;
+}
+
+// A new state for the step's result: kv (B, Hk, m, Ev), normalizer (B, Hk, m), key_max (B, Hk) in
+// the accumulation dtype, on q's device, uninitialized.
+inline FavorStepState empty_favor_state(const FavorSizes& n, const at::Tensor& q) {
+  const auto acc = q.options().dtype(favor_acc_dtype(q));
+  return {at::empty({n.B, n.Hk, n.m, n.Ev}, acc), at::empty({n.B, n.Hk, n.m}, acc), at::empty({n.B, n.Hk}, acc)};
+}
+
+// The state after a step with no new position: `prev` copied into kv, normalizer, key_max (unless
+// they are it), or the empty state (zero sums, key_max -inf) when `prev` is undefined.
+inline void carry_favor_state(const FavorStepState& prev, at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max) {
+  if (!prev.kv.defined()) {
+    kv.zero_();
+    normalizer.zero_();
+    key_max.fill_(-std::numeric_limits<double>::infinity());
+  } else if (!kv.is_same(prev.kv)) {
+    kv.copy_(prev.kv);
+    normalizer.copy_(prev.normalizer);
+    key_max.copy_(prev.key_max);
+  }
 }
 
 }  // namespace performer

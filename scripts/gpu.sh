@@ -72,8 +72,9 @@ declare -A BENCH_RUNS=(
   [attention-e64]="attention --device cuda"
   [attention-e128]="attention --device cuda --dim 128"
   [matmul]="matmul --device cuda --sizes 4096 8192 --dtype bfloat16 float16 float32"
+  [decode]="decode --device cuda"
 )
-BENCH=${BENCH:-attention-e64 attention-e128 matmul}
+BENCH=${BENCH:-attention-e64 attention-e128 matmul decode}
 if step bench; then
   for name in $BENCH; do
     start=$SECONDS

@@ -30,6 +30,23 @@ def favor_calls(device):
                 print(f"favor_attention {tuple(q.shape)} Hk={Hk} Ev={Ev} m={m} {dtype} causal={causal}: ok")
 
 
+def step_calls(device):
+    g = torch.Generator().manual_seed(2)
+    # (B, H, Hk, T, E, Ev, m): features past the 256 threads, value columns past a warp, 9 heads per key head.
+    for B, H, Hk, T, E, Ev, m in [(2, 4, 2, 3, 40, 70, 300), (1, 9, 1, 1, 64, 64, 256)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            features = performer.orthogonal_features(m, E, generator=g).to(device)
+            state = None
+            for _ in range(2):  # from an empty state, then in place
+                q = torch.randn(B, H, T, E, generator=g).to(device, dtype)
+                k = torch.randn(B, Hk, T, E, generator=g).to(device, dtype)
+                v = torch.randn(B, Hk, T, Ev, generator=g).to(device, dtype)
+                _, state = performer.favor_attention_step(q, k, v, state, features=features, backend="cpp",
+                                                          inplace=True)
+                sync(device)
+            print(f"favor_attention_step {tuple(q.shape)} Hk={Hk} Ev={Ev} m={m} {dtype}: ok")
+
+
 def matmul_calls(device):
     g = torch.Generator().manual_seed(1)
     for M, N, K in [(33, 257, 7), (130, 70, 129)]:
@@ -45,4 +62,5 @@ if __name__ == "__main__":
     import sys
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu" runs the same calls on the CPU kernels
     favor_calls(device)
+    step_calls(device)
     matmul_calls(device)

@@ -357,3 +357,58 @@ def test_cpp_backend_runs_the_cuda_kernels(causal):
     out = performer.favor_attention(q, k, v, is_causal=causal, features=case.features.to(DEVICE),
                                     key_padding_mask=case.key_padding_mask.to(DEVICE), backend="cpp")
     torch.testing.assert_close(out, _favor(case, causal, "softmax", q, k, v), atol=0, rtol=0)
+
+
+# ---- the decoding step (csrc/cuda/favor_step.cu) ------------------------------------------------
+
+STEP_SHAPES = [(1, 8, 8, 1, 64, 64, 256), (2, 6, 2, 3, 16, 40, 300), (1, 9, 1, 2, 8, 33, 20)]  # B H Hk T E Ev m
+STEP_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _step_case(shape, dtype, masked, seed=0):
+    B, H, Hk, T, E, Ev, m = shape
+    g = torch.Generator().manual_seed(seed)
+    prefix = [torch.randn(B, n, 6, d, generator=g, dtype=torch.float64).to(dtype) for n, d in ((H, E), (Hk, E), (Hk, Ev))]
+    new = [torch.randn(B, n, T, d, generator=g, dtype=torch.float64).to(dtype) for n, d in ((H, E), (Hk, E), (Hk, Ev))]
+    features = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.rand(B, T, generator=g) < 0.3 if masked else None
+    return prefix, new, features, mask
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+def test_step_matches_cpu_op(shape, dtype, masked, kernel):
+    prefix, new, features, mask = _step_case(shape, dtype, masked)
+    scale = shape[4] ** -0.5
+    _, *state = torch.ops.performer.favor_step(*prefix, features, None, None, None, None, scale, kernel)
+    cpu = torch.ops.performer.favor_step(*new, features, mask, *state, scale, kernel)
+    gpu = torch.ops.performer.favor_step(*(t.to(DEVICE) for t in new), features.to(DEVICE),
+                                         None if mask is None else mask.to(DEVICE),
+                                         *(t.to(DEVICE) for t in state), scale, kernel)
+    for name, got, expected in zip(("out", "kv", "normalizer", "key_max"), gpu, cpu):
+        top = max(1.0, expected.abs().max().item())
+        err = ((got.cpu().double() - expected.double()).abs().max() / top).item()
+        assert err <= STEP_TOL[dtype], f"{name}: {err}"
+
+
+def test_step_in_place_and_through_favor_attention_step():
+    prefix, new, features, mask = _step_case(STEP_SHAPES[1], torch.float32, True)
+    features = features.to(DEVICE)
+    _, state = performer.favor_attention_step(*(t.to(DEVICE) for t in prefix), features=features, backend="torch")
+    q, k, v = (t.to(DEVICE) for t in new)
+    expected, after = performer.favor_attention_step(q, k, v, state, features=features, backend="torch")
+    out, fused = performer.favor_attention_step(q, k, v, performer.FavorState(*(t.clone() for t in state)),
+                                                features=features, backend="cpp", inplace=True)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    for got, want in zip(fused, after):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_step_opcheck():
+    prefix, new, features, mask = _step_case(STEP_SHAPES[1], torch.float32, True)
+    args = [t.to(DEVICE) for t in new] + [features.to(DEVICE), mask.to(DEVICE)]
+    _, *state = torch.ops.performer.favor_step(*args[:4], None, None, None, None, 0.25, "softmax")
+    torch.library.opcheck(torch.ops.performer.favor_step, (*args, *state, 0.25, "softmax"))
+    torch.library.opcheck(torch.ops.performer.favor_step_, (*args, *(t.clone() for t in state), 0.25, "softmax"))

@@ -1,6 +1,7 @@
-"""The CUDA kernels of FAVOR+ (csrc/cuda/favor.cu), run on the CPU by a SIMT emulator (tests/simt/).
+"""The CUDA kernels of FAVOR+ (csrc/cuda/favor.cu, and the decoding step of favor_step.cu), run on the
+CPU by a SIMT emulator (tests/simt/).
 
-No GPU is needed: favor.cu is compiled as C++ against tests/simt/simt.h, which runs every thread of
+No GPU is needed: the sources are compiled as C++ against tests/simt/simt.h, which runs every thread of
 a block as a fiber, phase by phase between barriers, in a random order per phase, with shared
 memory filled with NaNs. The results are compared with the CPU op (itself tested against the float64
 reference in test_favor_values.py and test_favor_grads.py) on every output, saved statistic and
@@ -10,9 +11,11 @@ sequence segments, grouped-query heads, padding masks, strided inputs and every 
 orders must give identical results (no race); a read of unwritten shared memory shows as a NaN.
 
 What the emulator cannot check (timing, the GPU's memory model, shared-memory bank conflicts,
-speed) is left to tests/test_favor_cuda.py on a GPU. The two CUDA-only spellings in favor.cu (the
-`<<<...>>>` launch and the `extern __shared__` declaration) are replaced when the test writes the
-source it compiles; each must be found as often as expected, so a change of spelling fails here.
+speed) is left to tests/test_favor_cuda.py on a GPU. The two CUDA-only spellings of the sources (the
+`<<<...>>>` launch in favor_common.cuh and the `extern __shared__` declarations) are replaced when the
+test writes the sources it compiles; each must be found as often as expected, so a change of
+spelling fails here. The step is compared with the CPU step op (tested against the plain-PyTorch
+step in test_step_cpp.py) on its output and state.
 """
 from __future__ import annotations
 
@@ -29,51 +32,62 @@ from performer._C_loader import unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMT = ROOT / "tests" / "simt"
-SOURCE = ROOT / "csrc" / "cuda" / "favor.cu"
+CUDA = ROOT / "csrc" / "cuda"
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
     pytest.skip("no C++ compiler to build the SIMT emulator", allow_module_level=True)
 if unavailable_reason() is not None:
     pytest.skip(f"the CPU op to compare with is missing: {unavailable_reason()}", allow_module_level=True)
 
-# favor.cu's CUDA-only spellings and their emulated forms (simt.h), each expected exactly `count` times.
-REPLACEMENTS = [
-    ("kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);",
-     "simt::launch(kernel, static_cast<unsigned>(blocks), kThreads, smem, args...);", 1),
-    ("extern __shared__ __align__(16) unsigned char smem_raw[];",
-     "unsigned char* smem_raw = simt::shared_memory();", 6),
-]
+# The CUDA-only spellings of each source and their emulated forms (simt.h), each expected exactly
+# `count` times; each source is written, so changed, under the name the emulator includes.
+LAUNCH = ("kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);",
+          "simt::launch(kernel, static_cast<unsigned>(blocks), kThreads, smem, args...);")
+SHARED = ("extern __shared__ __align__(16) unsigned char smem_raw[];",
+          "unsigned char* smem_raw = simt::shared_memory();")
+SOURCES = {  # source -> (the name it is written as, [(cuda, emulated, count)])
+    "favor_common.cuh": ("favor_common.cuh", [(*LAUNCH, 1)]),
+    "favor.cu": ("favor_emulated.inc", [(*SHARED, 6)]),
+    "favor_step.cu": ("favor_step_emulated.inc", [(*SHARED, 1)]),
+}
 # The CUDA registrations go: the emulated entry points are called directly, on CPU tensors.
 REGISTRATION = "TORCH_LIBRARY_IMPL(performer, CUDA, m)"
 
 
-def _emulated_source() -> str:
-    text = SOURCE.read_text()
-    for cuda, emulated, count in REPLACEMENTS:
+def _emulated_source(name: str) -> str:
+    path = CUDA / name
+    text = path.read_text()
+    for cuda, emulated, count in SOURCES[name][1]:
         found = text.count(cuda)
-        assert found == count, f"{SOURCE.name}: expected {count} x {cuda!r} to replace for the emulator, found {found}"
+        assert found == count, f"{name}: expected {count} x {cuda!r} to replace for the emulator, found {found}"
         text = text.replace(cuda, emulated)
-    assert text.count(REGISTRATION) == 1, f"{SOURCE.name}: expected one {REGISTRATION}"
-    return text[:text.index(REGISTRATION)]
+    if name.endswith(".cu"):
+        assert text.count(REGISTRATION) == 1, f"{name}: expected one {REGISTRATION}"
+        text = text[:text.index(REGISTRATION)]
+    return text
 
 
 @pytest.fixture(scope="module")
 def simt():
-    """The emulated kernels as a module: forward / backward with the CUDA entry points' arguments."""
+    """The emulated kernels as a module: forward / backward / step / step_ with the CUDA entry
+    points' arguments."""
     from torch.utils import cpp_extension
-    text = _emulated_source()
     build = ROOT / "build" / "simt"
     build.mkdir(parents=True, exist_ok=True)
-    source = build / "favor_emulated.inc"
-    if not source.exists() or source.read_text() != text:  # unchanged: ninja keeps the last build
-        source.write_text(text)
+    texts = []
+    for name, (written, _) in SOURCES.items():
+        text = _emulated_source(name)
+        texts.append(text)
+        target = build / written
+        if not target.exists() or target.read_text() != text:  # unchanged: ninja keeps the last build
+            target.write_text(text)
     # The module name follows the emulator's sources, so an edited emulator is never shadowed by an
     # older build already loaded under the same name.
-    digest = hashlib.sha1((text + (SIMT / "simt.h").read_text() + (SIMT / "favor_simt.cpp").read_text())
+    digest = hashlib.sha1(("".join(texts) + (SIMT / "simt.h").read_text() + (SIMT / "favor_simt.cpp").read_text())
                           .encode()).hexdigest()[:10]
     return cpp_extension.load(
         name=f"favor_simt_{digest}", sources=[str(SIMT / "favor_simt.cpp")],
-        extra_include_paths=[str(SIMT / "include"), str(SIMT), str(build), str(ROOT / "csrc" / "cuda")],
+        extra_include_paths=[str(SIMT / "include"), str(SIMT), str(build), str(CUDA)],
         extra_cflags=["-O2", "-std=c++20"],
         build_directory=str(build), verbose=False)
 
@@ -219,3 +233,107 @@ def test_thread_order_does_not_change_results(simt, causal):
         results.append([*out, *grads])
     for a, b in zip(*results):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+# ---- the decoding step (csrc/cuda/favor_step.cu) ------------------------------------------------
+# (B, H, Hk, T, E, Ev, m): a block per (batch, key head), 256 threads over the features, lanes over
+# 32 value columns, query heads in groups of 4: shapes below and across each.
+STEP_SHAPES = {
+    "tiny": (1, 1, 1, 1, 3, 5, 7),
+    "decode": (2, 8, 8, 1, 64, 64, 256),
+    "gqa_wide": (2, 6, 2, 3, 16, 40, 300),
+    "many_heads": (1, 9, 1, 2, 8, 33, 20),
+    "long_block": (1, 2, 1, 5, 40, 70, 600),
+}
+STEP_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _step_inputs(shape, dtype, masked, prefix, transposed=False, scale=1.0, seed=0):
+    """New positions and, when `prefix`, the state after `prefix` earlier ones (from the CPU op)."""
+    B, H, Hk, T, E, Ev, m = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64)
+
+    features = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
+    q, k, v = draw(B, H, T, E) * scale, draw(B, Hk, T, E) * scale, draw(B, Hk, T, Ev)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if transposed:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask = torch.rand(B, T, generator=g) < 0.3 if masked else None
+    state = (None, None, None)
+    if prefix:
+        pq, pk, pv = draw(B, H, prefix, E) * scale, draw(B, Hk, prefix, E) * scale, draw(B, Hk, prefix, Ev)
+        _, *state = torch.ops.performer.favor_step(pq.to(dtype), pk.to(dtype), pv.to(dtype), features, None,
+                                                   None, None, None, E ** -0.5, "softmax")
+    return q, k, v, features, mask, tuple(state)
+
+
+def _compare_step(simt, shape, dtype, masked=False, prefix=0, kernel="softmax", **kw):
+    q, k, v, features, mask, state = _step_inputs(shape, dtype, masked, prefix, **kw)
+    if kernel == "relu" and prefix:  # a softmax prefix's state is not a relu one: draw the prefix with relu
+        state = (None, None, None)
+    sc = shape[4] ** -0.5
+    cpu = torch.ops.performer.favor_step(q, k, v, features, mask, *state, sc, kernel)
+    emu = simt.step(q, k, v, features, mask, *state, sc, kernel)
+    errors = {}
+    for name, got, expected in zip(("out", "kv", "normalizer", "key_max"), emu, cpu):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, \
+            f"{name}: {got.dtype} {tuple(got.shape)}, CPU {expected.dtype} {tuple(expected.shape)}"
+        # The state's sums grow with the prefix: compare relative to their own scale.
+        errors[name] = _error(got, expected) if name in ("out", "key_max") else \
+            _error(got / max(1.0, expected.abs().max().item()), expected / max(1.0, expected.abs().max().item()))
+    bad = {n: e for n, e in errors.items() if not e <= STEP_TOL[dtype]}
+    assert not bad, f"emulated CUDA step differs from the CPU op: {bad} (all: {errors})"
+    return q, k, v, features, mask, state, emu
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", list(STEP_SHAPES))
+def test_step_matches_cpu_op(simt, shape, dtype, masked, kernel):
+    _compare_step(simt, STEP_SHAPES[shape], dtype, masked, prefix=0 if kernel == "relu" else 7, kernel=kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", ["decode", "gqa_wide"])
+def test_step_half_types_match_cpu_op(simt, shape, dtype):
+    _compare_step(simt, STEP_SHAPES[shape], dtype, masked=True, prefix=5)
+
+
+def test_step_from_an_empty_state_and_strided_inputs(simt):
+    _compare_step(simt, STEP_SHAPES["gqa_wide"], torch.float32, masked=True, prefix=0, transposed=True)
+
+
+def test_step_large_logits_stay_finite(simt):
+    *_, emu = _compare_step(simt, STEP_SHAPES["long_block"], torch.float32, prefix=4, scale=8.0)
+    assert all(torch.isfinite(t).all() for t in emu)
+
+
+def test_step_in_place_equals_the_new_state(simt):
+    q, k, v, features, mask, state, emu = _compare_step(simt, STEP_SHAPES["gqa_wide"], torch.float32, True, 6)
+    kv, z, kmax = (t.clone() for t in state)
+    out = simt.step_(q, k, v, features, mask, kv, z, kmax, STEP_SHAPES["gqa_wide"][4] ** -0.5, "softmax")
+    for got, expected in zip((out, kv, z, kmax), emu):
+        assert torch.equal(got, expected)
+
+
+def test_step_with_no_new_position_carries_the_state(simt):
+    q, k, v, features, _, state = _step_inputs(STEP_SHAPES["gqa_wide"], torch.float32, False, 4)
+    q, k, v = q[:, :, :0], k[:, :, :0], v[:, :, :0]
+    out, *after = simt.step(q, k, v, features, None, *state, 0.25, "softmax")
+    assert out.shape[2] == 0 and all(torch.equal(a, b) for a, b in zip(after, state))
+    out, kv, z, kmax = simt.step(q, k, v, features, None, None, None, None, 0.25, "softmax")
+    assert not kv.any() and not z.any() and (kmax == -math.inf).all()
+
+
+def test_step_thread_order_does_not_change_results(simt):
+    results = []
+    for seed in (1, 2):
+        simt.seed(seed)
+        q, k, v, features, mask, state = _step_inputs(STEP_SHAPES["many_heads"], torch.float32, True, 3)
+        results.append(simt.step(q, k, v, features, mask, *state, 0.3, "softmax"))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

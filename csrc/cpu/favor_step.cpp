@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -28,15 +27,7 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const FavorSizes& n = in.n;
   at::Tensor out = at::empty({n.B, n.H, n.L, n.Ev}, q.options());
   if (n.L == 0) {  // nothing new: the state carries over
-    if (!prev.kv.defined()) {
-      kv.zero_();
-      normalizer.zero_();
-      key_max.fill_(-std::numeric_limits<double>::infinity());
-    } else if (!kv.is_same(prev.kv)) {
-      kv.copy_(prev.kv);
-      normalizer.copy_(prev.normalizer);
-      key_max.copy_(prev.key_max);
-    }
+    carry_favor_state(prev, kv, normalizer, key_max);
     return out;
   }
   StepParams p{};
@@ -69,13 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step(
   const std::string_view kn(kernel.data(), kernel.size());
   const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, false);
-  const FavorSizes& n = in.n;
-  const auto acc = q.options().dtype(favor_acc_dtype(q));
-  at::Tensor kv_out = at::empty({n.B, n.Hk, n.m, n.Ev}, acc);
-  at::Tensor z_out = at::empty({n.B, n.Hk, n.m}, acc);
-  at::Tensor max_out = at::empty({n.B, n.Hk}, acc);
-  at::Tensor out = run_step(q, k, v, in, prev, kv_out, z_out, max_out, scale, kn);
-  return {out, kv_out, z_out, max_out};
+  FavorStepState next = empty_favor_state(in.n, q);
+  at::Tensor out = run_step(q, k, v, in, prev, next.kv, next.normalizer, next.key_max, scale, kn);
+  return {out, next.kv, next.normalizer, next.key_max};
 }
 
 }  // namespace

@@ -214,7 +214,8 @@ DECODE = DecodeSuite(
     batches=(1, 16), heads=8, dim=64, num_features=256,
     prefixes=Sizes(full=(128, 512, 2048, 8192, 16384, 65536), quick=(128, 1024, 8192)), max_tokens=65536 * 4,
     dtypes=("float32",),
-    impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step (fused C++ step)", _favor_step_with()),
+    impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step, fused step (C++ on the CPU, the CUDA "
+                "kernel on a GPU)", _favor_step_with(backend="cpp")),
            Impl("step_torch", "torch step", "FAVOR+ step in plain PyTorch (backend='torch')",
                 _favor_step_with(backend="torch"), baseline=True),
            Impl("sdpa", "SDPA", "torch SDPA with a KV cache (exact)", _sdpa_kv_cache, baseline=True)))

@@ -1,11 +1,13 @@
-// csrc/cuda/favor.cu compiled for the CPU on the SIMT emulator (simt.h), as a Python module with the
-// CUDA entry points favor_forward_cuda / favor_backward_cuda taking CPU tensors. The test writes the
-// source included here (favor_emulated.inc, in its build directory): favor.cu with its two CUDA-only
-// spellings replaced, see tests/test_favor_cuda_simt.py.
+// csrc/cuda/favor.cu and favor_step.cu compiled for the CPU on the SIMT emulator (simt.h), as a Python
+// module with the CUDA entry points (favor_forward_cuda, favor_backward_cuda, favor_step_cuda,
+// favor_step_inplace_cuda) taking CPU tensors. The test writes the sources included here
+// (favor_emulated.inc, favor_step_emulated.inc and favor_common.cuh, in its build directory): the
+// CUDA sources with their CUDA-only spellings replaced, see tests/test_favor_cuda_simt.py.
 #include <torch/extension.h>
 
 #include "simt.h"
 #include "favor_emulated.inc"
+#include "favor_step_emulated.inc"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
@@ -17,6 +19,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        at::Tensor qs, at::Tensor ks, double scale, bool causal, std::string kernel) {
     return performer::cuda::favor_backward_cuda(g, q, k, v, f, mask, out, state, den, qs, ks, scale, causal,
                                                 c10::string_view(kernel));
+  });
+  m.def("step", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
+                   std::optional<at::Tensor> kv, std::optional<at::Tensor> z, std::optional<at::Tensor> kmax,
+                   double scale, std::string kernel) {
+    return performer::cuda::favor_step_cuda(q, k, v, f, mask, kv, z, kmax, scale, c10::string_view(kernel));
+  });
+  m.def("step_", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
+                    at::Tensor kv, at::Tensor z, at::Tensor kmax, double scale, std::string kernel) {
+    return performer::cuda::favor_step_inplace_cuda(q, k, v, f, mask, kv, z, kmax, scale, c10::string_view(kernel));
   });
   m.def("seed", [](unsigned s) { simt::seed(s); }, "seeds the order in which threads run each phase");
   m.def("set_sms", [](int n) { simt::st().sms = n; }, "the multiprocessor count the launches plan for");
