@@ -91,9 +91,10 @@ def test_non_contiguous_inputs_and_state():
 
 
 def test_one_head_split_across_threads():
-    """B = Hk = 1 with m = 256: the kernel splits the features and value columns over the threads."""
+    """B = Hk = 1 with work enough for a second thread (m = 1024, Ev = 256: about 3 million
+    multiply-adds per position): the kernel splits the features over the threads."""
     g = torch.Generator().manual_seed(4)
-    E, m, Ev = 64, 256, 64
+    E, m, Ev = 64, 1024, 256
     w = performer.orthogonal_features(m, E, generator=g)
     q, k, v = (torch.randn(1, 8, 40, d, generator=g) for d in (E, E, Ev))
     k, v = k[:, :1], v[:, :1]   # GQA: eight query heads on one key head
