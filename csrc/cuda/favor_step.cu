@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) favor_step_kernel(StepParams p) {
   const int64_t item = blockIdx.x, b = item / p.Hk, hk = item % p.Hk;
   const A c = A(p.c);
   const A* W = static_cast<const A*>(p.W);
-  A* P = static_cast<A*>(p.P) + item * rows * m;
+  A* P = static_cast<A*>(p.P) + item * (rows + 1) * m;  // the block's slice: rows + 1 rows of m
   A* kv = static_cast<A*>(p.kv) + item * m * Ev;
   A* z = static_cast<A*>(p.z) + item * m;
   A M = p.kmax_in ? static_cast<const A*>(p.kmax_in)[item] : neg_inf<A>();
