@@ -109,6 +109,30 @@ def test_one_head_split_across_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("B,H,Hk,dtype", [(5, 1, 1, torch.float32), (2, 6, 3, torch.float32), (3, 4, 2, torch.bfloat16),
+                                        (2, 2, 2, torch.float64), (1, 20, 20, torch.float32)])
+def test_items_split_across_threads(B, H, Hk, dtype):
+    """Enough work per position (over 2^18 multiply-adds) and at least two (batch, key head) items:
+    each thread takes a contiguous share of the items, in pieces cut at batch boundaries (shares of
+    5 items over 2 threads cross them) and at 32 rows (20 key heads of one query head each: pieces
+    of 16), with strided inputs."""
+    g = torch.Generator().manual_seed(6)
+    E, m, Ev = 64, 256, 72
+    w = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
+    q = torch.randn(B, 12, H, E, generator=g).to(dtype).transpose(1, 2)  # (B, H, L, E) over (B, L, H, E)
+    k = torch.randn(B, 12, Hk, E, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(B, 12, Hk, Ev, generator=g).to(dtype).transpose(1, 2)
+    mask = torch.rand(B, 12, generator=g) < 0.2
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            case = dataclasses.replace(make_case(SPECS[0], dtype), q=q, k=k, v=v, features=w, key_padding_mask=mask)
+            assert_step_close(step_both(case, [0, 1, 5, 12]), dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gradient_falls_back_to_torch():
     case = make_case(SPECS[0], torch.float64, requires_grad=True, seed=5)
     with pytest.raises(ValueError, match="has no gradient"):

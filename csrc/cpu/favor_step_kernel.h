@@ -341,7 +341,65 @@ static void favor_step_typed(const StepParams& p) {
   }
 }
 
+// The items (b, hk0) .. (b, hk1 - 1) of p as a problem of their own: B = 1, Hk = hk1 - hk0.
+static StepParams step_slice(const StepParams& p, int64_t b, int64_t hk0, int64_t hk1) {
+  const int64_t es = p.dtype == DType::f64 ? 8 : p.dtype == DType::f32 ? 4 : 2;  // input element size
+  const int64_t as = p.dtype == DType::f64 ? 8 : 4;                            // accumulation element size
+  const int64_t g = p.H / p.Hk, item = b * p.Hk + hk0;
+  auto at = [](const void* base, int64_t bytes) { return static_cast<char*>(const_cast<void*>(base)) + bytes; };
+  StepParams s = p;
+  s.B = 1;
+  s.Hk = hk1 - hk0;
+  s.H = s.Hk * g;
+  s.q.data = at(p.q.data, (b * p.q.stride[0] + hk0 * g * p.q.stride[1]) * es);
+  s.k.data = at(p.k.data, (b * p.k.stride[0] + hk0 * p.k.stride[1]) * es);
+  s.v.data = at(p.v.data, (b * p.v.stride[0] + hk0 * p.v.stride[1]) * es);
+  s.mask = p.mask ? p.mask + b * p.T : nullptr;
+  if (p.kv_in) {
+    s.kv_in = at(p.kv_in, item * p.m * p.Ev * as);
+    s.normalizer_in = at(p.normalizer_in, item * p.m * as);
+    s.key_max_in = at(p.key_max_in, item * as);
+  }
+  s.kv = at(p.kv, item * p.m * p.Ev * as);
+  s.normalizer = at(p.normalizer, item * p.m * as);
+  s.key_max = at(p.key_max, item * as);
+  s.out = at(p.out, (b * p.H + hk0 * g) * p.T * p.Ev * es);
+  s.num_threads = 1;
+  return s;
+}
+
+// Items (b, hk) [i0, i1) in pieces of at most `cap` items within one batch entry each, one after another.
+static void step_pieces(void (*run)(const StepParams&), const StepParams& p, int64_t i0, int64_t i1, int64_t cap) {
+  for (int64_t i = i0; i < i1;) {
+    const int64_t b = i / p.Hk, hk0 = i % p.Hk, hk1 = imin(imin(p.Hk, hk0 + (i1 - i)), hk0 + cap);
+    run(step_slice(p, b, hk0, hk1));
+    i += hk1 - hk0;
+  }
+}
+
+// Many items go in pieces of at most 32 rows (P, m x 32 floats, stays in the L1 cache at m = 256;
+// one piece of 64 rows ran 1.3x slower per item). With work enough (from 2^18 multiply-adds per
+// position; a token at B=1, H=8, E=64, m=256 is 2^19) and at least two items, the threads each take
+// a contiguous share of the items from start to finish: one team, no barrier, and each thread's part
+// of the state stays in its core's cache from one token to the next. A single item with much work
+// is split over the threads by features in favor_step_typed. Measured on a 2-core Xeon (Sapphire
+// Rapids), one token, H=8, E=64, m=256, one thread / two: B=1 25 / 20-29 us, B=4 125 / 51, B=8 291 /
+// 122-191 (before: a single piece, two threads split by features: B=8 223 us).
 static void favor_step(const StepParams& p) {
-  if (p.dtype == DType::f64) favor_step_typed<double>(p);
-  else favor_step_typed<float>(p);
+  void (*run)(const StepParams&) = p.dtype == DType::f64 ? favor_step_typed<double> : favor_step_typed<float>;
+  const int64_t items = p.B * p.Hk, g = p.H / p.Hk;
+  const int64_t cap = imax(1, 32 / (1 + g));
+  const double work = double(items) * double(p.m) * (double(1 + g) * double(p.E + p.Ev));
+  const int64_t team = work < 262144.0 ? 1 : imin(p.num_threads, items);
+  if (items == 1 || (team < 2 && items <= cap && p.B == 1)) {
+    run(p);
+  } else if (team < 2) {
+    step_pieces(run, p, 0, items, cap);
+  } else {
+#pragma omp parallel num_threads(int(team))
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      step_pieces(run, p, items * tid / nt, items * (tid + 1) / nt, cap);
+    }
+  }
 }
