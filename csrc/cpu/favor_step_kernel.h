@@ -205,10 +205,10 @@ static void favor_step_typed(const StepParams& p) {
   const bool softmax = p.kernel == Kernel::softmax;
   const T c = T(__builtin_sqrt(p.scale));
   const T* W = static_cast<const T*>(p.features);
-  // Threads: none beyond what the work pays for. Each position costs a team four barriers, and the
-  // rows of P cross between cores: a second thread pays from about 2^20 multiply-adds (one token of
-  // B=2, H=8, E=64, m=256; on a 2-core Xeon, B=1 took 24.1 us on one thread and 26.9 us on two, B=2
-  // 46.8 and 45.4, B=8 296 and 223).
+  // Threads (favor_step calls this with several only for a single item, or work too small to share
+  // out by items): none beyond what the work pays for. Each position costs a team four barriers and
+  // the rows of P cross between cores: splitting the features pays from about 2^20 multiply-adds
+  // (on a 2-core Xeon, eight items of H=8, E=64, m=256 took 24.1 us on one thread, 26.9 us split).
   const double work = double(R) * double(m) * double(E) + double(items) * double(g + 1) * double(m) * double(Ev);
   const int64_t team = imax(1, imin(imin(p.num_threads, int64_t(work / 1048576.0) + 1), (m + 7) / 8));
   const int64_t parts = items >= team ? 1 : imax(1, imin((team + items - 1) / items, m / 32));
