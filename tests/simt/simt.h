@@ -33,6 +33,7 @@ using std::fmax;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __align__(n) alignas(n)
 // Static shared arrays: one per kernel function, shared by the fibers of the running block (and
 // left over from the previous block: only dynamic shared memory is NaN-filled).
