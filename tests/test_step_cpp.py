@@ -4,6 +4,7 @@ states, the multi-thread split of one head, every ISA copy, opcheck and torch.co
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,66 @@ def test_items_split_across_threads(B, H, Hk, dtype):
             assert_step_close(step_both(case, [0, 1, 5, 12]), dtype)
     finally:
         torch.set_num_threads(threads)
+
+
+class _CountingExtension:
+    """performer._C with its favor_step_ calls counted."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, 0
+
+    def favor_step_(self, *args):
+        self.calls += 1
+        return self.ext.favor_step_(*args)
+
+
+def test_in_place_decoding_calls_the_extension_directly(monkeypatch):
+    """A decoder's in-place call goes straight to performer._C.favor_step_ (one call per token, the
+    op's results); a gradient, a subclass or torch.compile take the full path."""
+    from performer.ops.favor import step as step_module
+    case = make_case(SPECS[0], torch.float32, masked=True, seed=8)
+    counting = _CountingExtension(step_module._C)
+    monkeypatch.setattr(step_module, "_C", counting)
+    _, state = performer.favor_attention_step(case.q[..., :3, :], case.k[..., :3, :], case.v[..., :3, :],
+                                              features=case.features, key_padding_mask=case.key_padding_mask[:, :3])
+    reference = tuple(t.clone() for t in state)
+    for t in range(3, 7):
+        piece = [x[..., t:t + 1, :] for x in (case.q, case.k, case.v)]
+        mask = case.key_padding_mask[:, t:t + 1]
+        want, reference = performer.favor_attention_step(*piece, reference, features=case.features,
+                                                         key_padding_mask=mask)
+        got, after = performer.favor_attention_step(*piece, state, features=case.features, key_padding_mask=mask,
+                                                    inplace=True)
+        assert after is state
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        for a, b in zip(state, reference):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert counting.calls == 4
+    q = case.q[..., 7:8, :].clone().requires_grad_()
+    out, new = performer.favor_attention_step(q, case.k[..., 7:8, :], case.v[..., 7:8, :], state,
+                                              features=case.features, inplace=True)
+    assert out.requires_grad and counting.calls == 4 and new is not state
+    compiled = torch.compile(lambda q, k, v, s: performer.favor_attention_step(q, k, v, s, features=case.features,
+                                                                              inplace=True),
+                             fullgraph=True, backend="eager")
+    compiled(*(x[..., 7:8, :] for x in (case.q, case.k, case.v)), state)
+    assert counting.calls == 4
+
+
+@pytest.mark.parametrize("name", ["other_batch", "normalizer", "dtype", "field_not_tensor"])
+def test_in_place_bad_state_same_error(name):
+    """A state the extension refuses with inplace=True gets the full checks' error, the one without
+    inplace, and is left as it was."""
+    from test_step import BAD_STATES
+    _, state, exc, fragments = next(c for c in BAD_STATES if c[0] == name)
+    case = make_case(SPECS[0], torch.float32)
+    before = [t.clone() if isinstance(t, torch.Tensor) else t for t in state]
+    piece = [x[..., :1, :] for x in (case.q, case.k, case.v)]
+    for inplace in (False, True):
+        with pytest.raises(exc, match=re.escape(fragments[0])):
+            performer.favor_attention_step(*piece, state, features=case.features, inplace=inplace)
+    for a, b in zip(state, before):
+        assert a is b is None or torch.equal(a, b)
 
 
 def test_gradient_falls_back_to_torch():

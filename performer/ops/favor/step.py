@@ -2,6 +2,7 @@
 fixed-size recurrent state, so each new token costs the same whatever the prefix length."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,7 +51,41 @@ def _direct(a) -> bool:
     kernel as torch.ops.performer.favor_step_ without the dispatcher's microseconds): eager mode on
     plain CPU tensors, with no torch.compile tracing and no dispatch mode (FakeTensorMode,
     FlopCounterMode, ...) that must see the op."""
-    return a.plain and a.q.is_cpu and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+    # is_compiling first: dynamo cannot trace _len_torch_dispatch_stack (it returns an int).
+    return not torch.compiler.is_compiling() and a.plain and a.q.is_cpu and not torch._C._len_torch_dispatch_stack()
+
+
+_TENSOR = torch.Tensor
+
+
+def _step_in_place_direct(q, k, v, state, features, scale, kernel, mask) -> Optional[torch.Tensor]:
+    """A decoder's per-token call (favor_attention_step(..., state, inplace=True) on plain 4-D CPU
+    tensors needing no gradient, eager mode) straight to performer._C.favor_step_, in about a
+    microsecond of Python: the extension checks every argument as the op does, before it writes
+    anything. None where the full path must run: other inputs, or whatever the extension refused
+    (the full checks then name what is wrong, or run the case it does not take, such as a
+    non-contiguous state)."""
+    if torch.compiler.is_compiling() or _C is None or type(state) not in (FavorState, tuple) or len(state) != 3:
+        return None
+    kv, z, key_max = state
+    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) is _TENSOR
+            and type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
+            and (mask is None or type(mask) is _TENSOR) and q.is_cpu and q.dim() == 4):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv.requires_grad
+                                    or z.requires_grad or key_max.requires_grad):
+        return None
+    if torch._C._len_torch_dispatch_stack():
+        return None
+    if scale is None:
+        E = q.shape[3]
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif type(scale) is not float:
+        return None
+    try:
+        return _C.favor_step_(q, k, v, features, mask, kv, z, key_max, scale, kernel)
+    except Exception:  # noqa: BLE001: refused before any write; the full path below reports it
+        return None
 
 
 def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
@@ -120,6 +155,10 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Returns:
         (output (..., T, Ev) in the query's dtype, the FavorState after the new positions).
     """
+    if inplace is True and state is not None and (backend is None or backend == "cpp"):
+        out = _step_in_place_direct(query, key, value, state, features, scale, kernel, key_padding_mask)
+        if out is not None:
+            return out, state
     args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
     impl = _dispatch.select(OP, args, backend)
     out, final = impl.run(args)
