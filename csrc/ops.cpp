@@ -35,6 +35,11 @@ TORCH_LIBRARY(performer, m) {
   // any strides (a batch stride of 0 broadcasts): returns a @ b, (B, M, N) contiguous in that
   // dtype; float16/bfloat16 accumulate in float32.
   m.def("blocked_matmul(Tensor a, Tensor b) -> Tensor");
+  // Block-sparse linear: x (M, K) @ W^T + bias with W (N, K) kept as (br x bc) blocks, values (nnzb,
+  // bc, br) k-major per block, block_cols (nnzb) int32 and row_ptr (ceil(N / br) + 1) int32 per block
+  // row (performer/ops/sparse/reference.py packs and unpacks it); float32 or float64. Returns (M, N).
+  m.def("block_sparse_linear(Tensor x, Tensor values, Tensor block_cols, Tensor row_ptr, Tensor? bias, "
+        "int N) -> Tensor");
   // The instruction set whose CPU kernels run here: "baseline", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return std::string(performer::cpu::kernels().name); });
   // The measured float FMA throughput of those kernels' vectors on `threads` threads, in GFLOP/s:

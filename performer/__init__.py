@@ -8,15 +8,16 @@
     model = performer.convert(model)              # every nn.MultiheadAttention -> PerformerAttention
     c = performer.blocked_matmul(a, b)            # torch.matmul semantics
     layer = performer.nn.BlockedLinear(512, 256)  # nn.Linear drop-in
+    model = performer.compress(model, sparsity=0.9)  # every nn.Linear -> block-sparse CompressedLinear
 """
 from . import nn
-from .compress import prune
+from .compress import compress, prune
 from .convert import convert, disable_fused_encoder_paths
 from .features import orthogonal_features, simplex_features
 from .nn import DecodingCache, FastAttention, PerformerAttention
 from .ops.favor import FavorState, favor_attention, favor_attention_step
 from .ops.matmul import blocked_matmul
 
-__all__ = ["DecodingCache", "FastAttention", "FavorState", "PerformerAttention", "blocked_matmul", "convert",
+__all__ = ["DecodingCache", "FastAttention", "FavorState", "PerformerAttention", "blocked_matmul", "compress", "convert",
            "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features", "prune", "simplex_features"]
 __version__ = "0.1.0"

@@ -75,12 +75,29 @@ struct StepParams {
   int num_threads;
 };
 
+// y (M, N) contiguous = x (M, K) W^T + bias, W block-sparse (csrc/cpu/sparse_kernel.h explains the
+// format), float32 or float64 throughout; x rows have stride x_row_stride (unit column stride).
+// bias (N) or null. M, N, K >= 1; br is a multiple of every ISA's vector of floats.
+struct SparseLinearParams {
+  DType dtype;
+  int64_t M, N, K, br, bc;
+  const void* x;
+  int64_t x_row_stride;
+  const void* values;        // (nnzb, bc, br)
+  const int32_t* row_ptr;    // (ceil(N / br) + 1)
+  const int32_t* block_cols; // (nnzb)
+  const void* bias;
+  void* y;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* name;
   void (*favor_forward)(const FavorParams&);
   void (*favor_backward)(const FavorParams&);
   void (*favor_step)(const StepParams&);
   void (*matmul)(const MatmulParams&);
+  void (*sparse_linear)(const SparseLinearParams&);
   double (*fma_peak_gflops)(int threads, double seconds);  // measured, see fma_peak.h
 };
 

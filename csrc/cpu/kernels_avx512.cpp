@@ -22,8 +22,10 @@ namespace performer::cpu::avx512 {
 #include "favor_parallel.h"
 #include "favor_step_kernel.h"
 #include "matmul_kernel.h"
+#include "sparse_kernel.h"
 #include "fma_peak.h"
 
-extern const KernelTable table = {"avx512", favor_forward, favor_backward, favor_step, matmul, fma_peak_gflops};
+extern const KernelTable table = {"avx512", favor_forward, favor_backward, favor_step, matmul, sparse_linear,
+                                   fma_peak_gflops};
 
 }  // namespace performer::cpu::avx512

@@ -7,9 +7,7 @@ from torch import nn
 from .._validate import check_tensor
 from ..ops.matmul import blocked_matmul
 from . import pruning
-
-DEFAULT_BLOCK = (32, 32)
-SUPPORTED_BLOCKS = ((16, 32, 64), (4, 8, 16, 32, 64))  # (rows, cols) the block-sparse kernels run
+from .compressed import DEFAULT_BLOCK, SUPPORTED_BLOCKS, CompressedLinear
 
 
 class BlockedLinear(nn.Linear):
@@ -53,6 +51,14 @@ class BlockedLinear(nn.Linear):
         block = pruning.check_block(block, *SUPPORTED_BLOCKS)
         pruning.prune_linears([self], sparsity, block, criterion, scope)
         return self
+
+    def compress(self) -> CompressedLinear:
+        """The pruned layer as a ``CompressedLinear`` holding only its kept blocks (a new module;
+        its forward skips the removed blocks). Raises when the layer was not pruned."""
+        if not pruning.is_pruned(self):
+            raise ValueError("compress() needs a pruned layer: call prune(sparsity) first (or "
+                             "performer.compress(model, sparsity=...))")
+        return CompressedLinear.from_linear(self, backend=self.backend)
 
     def __getstate__(self):
         # A pruned layer's ``weight`` is recomputed from weight_orig * weight_mask before every

@@ -1,0 +1,78 @@
+// block_sparse_linear for the CPU dispatch key: checks (shapes, dtypes and every index of the block
+// format, so that a malformed format raises instead of reading out of bounds), the output, and the
+// call into the kernels of the best instruction set (csrc/cpu/sparse_kernel.h, compiled per ISA).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace performer::cpu {
+namespace {
+
+at::Tensor block_sparse_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& block_cols_in,
+                               const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in, int64_t N) {
+  check_dim(x_in, "x", 2, "(M, K)");
+  check_dim(values_in, "values", 3, "(nnzb, bc, br)");
+  check_like(values_in, "values", x_in, "x");
+  PERFORMER_CHECK_TYPE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "x",
+                       "have dtype float32 or float64", "; got ", x_in.scalar_type());
+  const int64_t M = x_in.size(0), K = x_in.size(1), nnzb = values_in.size(0), bc = values_in.size(1),
+                br = values_in.size(2);
+  PERFORMER_CHECK_VALUE(br > 0 && br % 16 == 0 && bc > 0, "values", "have blocks (bc, br) with br a multiple of 16",
+                        "; got ", "shape ", values_in.sizes());
+  PERFORMER_CHECK_VALUE(N >= 0, "N", "be >= 0", "; got ", N);
+  const int64_t panels = (N + br - 1) / br, col_blocks = (K + bc - 1) / bc;
+  for (auto [t, name] : {std::pair{&block_cols_in, "block_cols"}, std::pair{&row_ptr_in, "row_ptr"}}) {
+    PERFORMER_CHECK_TYPE(t->scalar_type() == at::kInt, name, "have dtype int32", "; got ", t->scalar_type());
+    PERFORMER_CHECK_VALUE(t->dim() == 1 && t->device() == x_in.device(), name, "be 1-D on x's device", "; got ",
+                          "shape ", t->sizes(), " on ", t->device());
+  }
+  check_size(block_cols_in, "block_cols", 0, nnzb, "(nnzb)");
+  check_size(row_ptr_in, "row_ptr", 0, panels + 1, "(ceil(N / br) + 1)");
+  const at::Tensor row_ptr = row_ptr_in.contiguous(), block_cols = block_cols_in.contiguous();
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* cols = block_cols.data_ptr<int32_t>();
+  PERFORMER_CHECK_VALUE(rp[0] == 0 && rp[panels] == nnzb, "row_ptr", "start at 0 and end at nnzb=", nnzb, "; got ",
+                        rp[0], " and ", rp[panels]);
+  for (int64_t i = 0; i < panels; ++i)
+    PERFORMER_CHECK_VALUE(rp[i] <= rp[i + 1], "row_ptr", "be non-decreasing", "; got ", rp[i], " then ", rp[i + 1],
+                          " at ", i);
+  for (int64_t b = 0; b < nnzb; ++b)
+    PERFORMER_CHECK_VALUE(cols[b] >= 0 && cols[b] < col_blocks, "block_cols", "be in [0, ceil(K / bc)=", col_blocks,
+                          ")", "; got ", cols[b], " at ", b);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_like(*bias_in, "bias", x_in, "x");
+    PERFORMER_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == N, "bias", "have shape (N) = (", N, ")",
+                          "; got ", "shape ", bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return bias.defined() ? y.copy_(bias.expand({M, N})) : y.zero_();
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  SparseLinearParams p{};
+  p.dtype = x.scalar_type() == at::kDouble ? DType::f64 : DType::f32;
+  p.M = M; p.N = N; p.K = K; p.br = br; p.bc = bc;
+  p.x = x.data_ptr();
+  p.x_row_stride = x.stride(0);
+  p.values = values.data_ptr();
+  p.row_ptr = rp;
+  p.block_cols = cols;
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.num_threads = at::get_num_threads();
+  kernels().sparse_linear(p);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(performer, CPU, m) { m.impl("block_sparse_linear", &block_sparse_linear); }
+
+}  // namespace performer::cpu

@@ -1,0 +1,54 @@
+"""The compiled op torch.ops.performer.block_sparse_linear: its fake kernel and its autograd.
+
+The backward keeps the weight's sparsity: grad_values holds only the kept blocks (each block's
+x-columns times its panel's output gradient), and grad_x = grad_y @ W with W unpacked."""
+from __future__ import annotations
+
+import torch
+
+from ..._C_loader import unavailable_reason
+from .reference import block_rows, unpack_blocks
+
+OP_NAME = "performer::block_sparse_linear"
+
+
+def block_sparse_linear_cpp(x, values, block_cols, row_ptr, bias, N):
+    return torch.ops.performer.block_sparse_linear(x, values, block_cols, row_ptr, bias, N)
+
+
+def grad_values(x: torch.Tensor, grad: torch.Tensor, block_cols: torch.Tensor, row_ptr: torch.Tensor,
+                block: tuple[int, int], nnzb: int) -> torch.Tensor:
+    """(nnzb, bc, br): d loss / d values for y = x W^T, grad = d loss / d y."""
+    br, bc = block
+    M, K = x.shape
+    N = grad.shape[1]
+    xb = torch.nn.functional.pad(x, (0, -K % bc)).view(M, -1, bc)             # (M, C, bc)
+    gb = torch.nn.functional.pad(grad, (0, -N % br)).view(M, -1, br)          # (M, P, br)
+    cols, rows = block_cols.long(), block_rows(row_ptr, nnzb)
+    return torch.einsum("mbk,mbr->bkr", xb[:, cols], gb[:, rows])
+
+
+if unavailable_reason() is None:
+    @torch.library.register_fake(OP_NAME)
+    def _(x, values, block_cols, row_ptr, bias, N):
+        torch._check(x.dim() == 2 and values.dim() == 3, lambda: "block_sparse_linear takes x (M, K), values (nnzb, bc, br)")
+        return x.new_empty(x.shape[0], N)
+
+    def _setup_context(ctx, inputs, output):
+        x, values, block_cols, row_ptr, bias, N = inputs
+        ctx.save_for_backward(x, values, block_cols, row_ptr)
+        ctx.N, ctx.has_bias = N, bias is not None
+
+    def _backward(ctx, grad):
+        x, values, block_cols, row_ptr = ctx.saved_tensors
+        need_x, need_values, _, _, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad_v = grad_b = None
+        if need_x:
+            grad_x = grad @ unpack_blocks(values, block_cols, row_ptr, ctx.N, x.shape[1])
+        if need_values:
+            grad_v = grad_values(x, grad, block_cols, row_ptr, (values.shape[2], values.shape[1]), values.shape[0])
+        if need_bias and ctx.has_bias:
+            grad_b = grad.sum(0)
+        return grad_x, grad_v, None, None, grad_b, None
+
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
