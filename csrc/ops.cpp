@@ -8,6 +8,7 @@
 
 #include "cpu/favor_step.h"
 #include "cpu/kernels.h"
+#include "cpu/sparse_linear.h"
 
 TORCH_LIBRARY(performer, m) {
   // FAVOR+ attention on canonical (B, H, L, E) / (B, Hk, S, E) / (B, Hk, S, Ev) inputs, H % Hk == 0.
@@ -49,10 +50,11 @@ TORCH_LIBRARY(performer, m) {
   });
 }
 
-// Importing performer._C runs the registrations above. The module holds one function: the in-place
-// decoding step called directly, without the dispatcher's few microseconds per call, which is most
-// of a decoding step's cost. performer.favor_attention_step calls it in eager mode on CPU tensors
-// that need no gradient (torch.compile and everything else go through torch.ops.performer.favor_step_).
+// Importing performer._C runs the registrations above. The module holds two functions called
+// directly, without the dispatcher's and the Python autograd wrapper's microseconds per call, which
+// are most of a small call's cost: the in-place decoding step (performer.favor_attention_step) and the
+// block-sparse product (performer.nn.CompressedLinear), in eager mode on CPU tensors that need no
+// gradient (torch.compile and everything else go through torch.ops.performer.*).
 PYBIND11_MODULE(_C, m) {
   m.def("favor_step_", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
                           const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
@@ -61,5 +63,11 @@ PYBIND11_MODULE(_C, m) {
     pybind11::gil_scoped_release no_gil;
     return performer::cpu::favor_step_inplace(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale,
                                               c10::string_view(kernel.data(), kernel.size()));
+  });
+  m.def("block_sparse_linear", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& block_cols,
+                                  const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, int64_t N) {
+    TORCH_CHECK(x.device().is_cpu(), "performer._C.block_sparse_linear runs on CPU tensors; got ", x.device());
+    pybind11::gil_scoped_release no_gil;
+    return performer::cpu::block_sparse_linear(x, values, block_cols, row_ptr, bias, N);
   });
 }

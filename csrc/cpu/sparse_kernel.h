@@ -19,11 +19,26 @@ static void sparse_tile(const SparseLinearParams& p, const float* x, int64_t i0,
   vreg acc[MR][CV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < CV; ++v) acc[i][v] = vzero();
+  // A single row has only CV accumulator chains, too few to hide the FMA latency: odd inputs go to
+  // a second set, added at the end.
+  constexpr int kSplit = MR == 1 ? 2 : 1;
+  vreg odd[kSplit == 2 ? CV : 1];
+  for (int v = 0; v < (kSplit == 2 ? CV : 1); ++v) odd[v] = vzero();
   for (int64_t b = p.row_ptr[panel]; b < p.row_ptr[panel + 1]; ++b) {
     const int64_t k0 = int64_t(p.block_cols[b]) * bc, kc = imin(bc, K - k0);
     const float* w = values + b * bc * br + c0;
     const float* xr = x + i0 * rs + k0;
-    for (int64_t kk = 0; kk < kc; ++kk) {
+    int64_t kk = 0;
+    if constexpr (kSplit == 2) {
+      for (; kk + 2 <= kc; kk += 2) {
+        const vreg x0 = vbroadcast(xr[kk]), x1 = vbroadcast(xr[kk + 1]);
+        for (int v = 0; v < CV; ++v) {
+          acc[0][v] = vfma(x0, vload(w + kk * br + v * kVecFloats), acc[0][v]);
+          odd[v] = vfma(x1, vload(w + (kk + 1) * br + v * kVecFloats), odd[v]);
+        }
+      }
+    }
+    for (; kk < kc; ++kk) {
       vreg wv[CV];
       for (int v = 0; v < CV; ++v) wv[v] = vload(w + kk * br + v * kVecFloats);
       for (int i = 0; i < MR; ++i) {
@@ -32,6 +47,8 @@ static void sparse_tile(const SparseLinearParams& p, const float* x, int64_t i0,
       }
     }
   }
+  if constexpr (kSplit == 2)
+    for (int v = 0; v < CV; ++v) acc[0][v] = vadd(acc[0][v], odd[v]);
   const int64_t n0 = panel * br + c0, valid = imin(CV * kVecFloats, N - n0);
   const float* bias = static_cast<const float*>(p.bias);
   alignas(64) float tail[CV * kVecFloats];

@@ -9,9 +9,9 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "sparse_linear.h"
 
 namespace performer::cpu {
-namespace {
 
 at::Tensor block_sparse_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& block_cols_in,
                                const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in, int64_t N) {
@@ -70,8 +70,6 @@ at::Tensor block_sparse_linear(const at::Tensor& x_in, const at::Tensor& values_
   kernels().sparse_linear(p);
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(performer, CPU, m) { m.impl("block_sparse_linear", &block_sparse_linear); }
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _C_loader
 from .._validate import _dtype_name, check_tensor
 from ..ops.sparse import block_sparse_linear, pack_blocks, unpack_blocks
 from . import pruning
@@ -20,6 +21,9 @@ from . import pruning
 DEFAULT_BLOCK = (32, 32)
 SUPPORTED_BLOCKS = ((16, 32, 64), (4, 8, 16, 32, 64))  # (rows, cols) the block-sparse kernels run
 FORMAT_VERSION = 1
+
+_C = getattr(_C_loader, "_C", None)
+_TENSOR = torch.Tensor
 
 
 class CompressedLinear(nn.Module):
@@ -41,7 +45,7 @@ class CompressedLinear(nn.Module):
         self.register_buffer("block_cols", torch.empty(0, dtype=torch.int32, device=device))
         self.register_buffer("row_ptr", torch.zeros(math.ceil(out_features / br) + 1, dtype=torch.int32, device=device))
         self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.int64, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, **factory)) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, block=None, backend=None) -> "CompressedLinear":
@@ -85,7 +89,36 @@ class CompressedLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def _direct(self, x: torch.Tensor):
+        """Inference in eager mode on plain CPU tensors: straight to performer._C.block_sparse_linear
+        (the kernel the op runs, whose checks are the op's), without the dispatcher's and the
+        autograd wrapper's tens of microseconds. None where the full path must run: compiling, a
+        dispatch mode, a gradient to record, other inputs, or whatever the extension refused (the
+        full path then names what is wrong)."""
+        if torch.compiler.is_compiling() or _C is None or type(x) is not _TENSOR or not x.is_cpu or x.dim() < 1:
+            return None
+        # Parameters and buffers read once from their dicts: each nn.Module attribute lookup costs
+        # about a microsecond.
+        values, bias = self._parameters["values"], self._parameters["bias"]
+        K = self.in_features
+        if x.shape[-1] != K or x.dtype != values.dtype or self.backend not in (None, "cpp"):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return None
+        if torch._C._len_torch_dispatch_stack():
+            return None
+        try:
+            y = _C.block_sparse_linear(x if x.dim() == 2 else x.reshape(-1, K), values, self._buffers["block_cols"],
+                                       self._buffers["row_ptr"], bias, self.out_features)
+        except Exception:  # noqa: BLE001: the full path below reports it
+            return None
+        return y if x.dim() == 2 else y.view(x.shape[:-1] + (self.out_features,))
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = self._direct(input)
+        if y is not None:
+            return y
         x = check_tensor("input", input, min_dim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (*, in_features={self.in_features}); got shape {tuple(x.shape)}")
