@@ -367,3 +367,19 @@ def test_layer_input_checks():
         small(torch.zeros(3, 69))
     with pytest.raises(TypeError, match="input must have the layer's dtype float32; got float64"):
         small(torch.zeros(3, 70, dtype=torch.float64))
+
+
+def test_inference_calls_the_extension_directly():
+    """Eager inference goes straight to performer._C (no graph); a gradient to record, or a format
+    the extension refuses, takes the op path, which records the graph or names what is wrong."""
+    small = pruned_layer().compress()
+    x = randn(2, 3, 70, seed=32)
+    with torch.no_grad():
+        direct = small(x)
+    assert direct.grad_fn is None
+    recorded = small(x)
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(direct, recorded, rtol=0, atol=0)
+    small.row_ptr[1] = small.row_ptr[-1] + 1
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="row_ptr must be non-decreasing"):
+        small(x)
