@@ -18,8 +18,12 @@ def _linears(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be a sequence of module names; got {skip!r}")
+    # nn.MultiheadAttention reads its out_proj's weight without calling the module, so neither the
+    # pruning mask's pre-forward hook nor a compressed layer's kernel would run there.
+    unused = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)]
+            if isinstance(m, nn.Linear) and id(m) not in unused
+            and not any(name == s or name.startswith(s + ".") for s in skip)]
 
 
 def prune(model: nn.Module, sparsity: float, *, block: tuple[int, int] = DEFAULT_BLOCK, criterion: str = "l1",

@@ -383,3 +383,22 @@ def test_inference_calls_the_extension_directly():
     small.row_ptr[1] = small.row_ptr[-1] + 1
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="row_ptr must be non-decreasing"):
         small(x)
+
+
+def test_multihead_attention_out_proj_is_left_alone():
+    """nn.MultiheadAttention never calls its out_proj: prune and compress skip it (after
+    performer.convert, PerformerAttention calls it and it is compressed like any other layer)."""
+    torch.manual_seed(2)
+    model = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    performer.compress(model, 0.5, block=(16, 16))
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert not hasattr(model.self_attn.out_proj, "weight_mask")
+    assert isinstance(model.linear1, CompressedLinear) and isinstance(model.linear2, CompressedLinear)
+    x = randn(2, 5, 64, seed=33)
+    model(x).sum().backward()
+    assert model.linear1.values.grad is not None
+    converted = performer.convert(nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0,
+                                                             batch_first=True))
+    performer.compress(converted, 0.5, block=(16, 16))
+    assert isinstance(converted.self_attn.out_proj, CompressedLinear)
+    assert converted(x).shape == x.shape
