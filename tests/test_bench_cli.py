@@ -15,7 +15,7 @@ from performer.bench import __main__ as cli, report
 from performer.bench.runner import Progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--lengths", "32", "64", "--sizes", "16", "--threads", "1", "--budget", "0"]
+TINY = ["--lengths", "32", "64", "--sizes", "32", "--threads", "1", "--budget", "0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,7 +49,7 @@ def test_json_has_machine_settings_and_every_median_and_spread(quick_run):
     assert data["schema"] == report.SCHEMA
     assert {"cpu", "threads", "torch", "date", "cpu_isa"} <= set(data["machine"]) and data["machine"]["threads"] == 1
     assert data["run"]["quick"] and data["run"]["device"] == "cpu"
-    assert set(data["suites"]) == {"attention", "matmul", "accuracy", "decode"}
+    assert set(data["suites"]) == {"attention", "matmul", "accuracy", "decode", "compress"}
     timed = [r for r in data["records"] if "median_ms" in r["metrics"]]
     assert {r["suite"] for r in timed} >= {"attention", "matmul"}
     for r in timed:
@@ -62,7 +62,7 @@ def test_json_has_machine_settings_and_every_median_and_spread(quick_run):
     if sys.platform == "linux":
         assert all(r["metrics"]["peak_mb"] >= 0 for r in attention)
     assert {r["suite"] for r in data["records"] if r["impl"] == "peak" and r["metrics"]["gflops"] > 0} == {
-        "attention", "matmul"}
+        "attention", "matmul", "compress"}
     # The package's kernels get a FLOP rate from the FAVOR+ operation count; the baselines do not.
     assert all(("gflops" in r["metrics"]) == (r["impl"] == "cpp") for r in attention)
     assert set(data["suites"]["attention"]["crossover"]) == {
@@ -74,7 +74,7 @@ def test_tables_give_ratios_to_each_baseline(quick_run):
     text = proc.stdout
     assert "| 32 | no | forward |" in text and "| performer vs SDPA | performer vs plain PyTorch |" in text
     assert "| performer GFLOP/s | performer % of peak |" in text and "Measured FMA peak" in text
-    assert "| square 16 | 16x16 @ 16x16 | float32 |" in text and "performer vs torch.matmul" in text
+    assert "| square 32 | 32x32 @ 32x32 | float32 |" in text and "performer vs torch.matmul" in text
     assert "performer % of peak" in text and "uniform-average error" in text
     (md,) = [f for f in files if f.endswith(".md")]
     assert open(out / md).read().strip() in text
@@ -82,7 +82,7 @@ def test_tables_give_ratios_to_each_baseline(quick_run):
 
 def test_every_plot_is_a_png(quick_run):
     _, out, files, data = quick_run
-    names = ["attention-time", "attention-memory", "matmul", "accuracy"]
+    names = ["attention-time", "attention-memory", "matmul", "accuracy", "compress"]
     names += [] if data["suites"]["decode"]["unavailable"] else ["decode"]
     (result,) = [f for f in files if f.endswith(".json")]
     expected = {f"{result[:-len('.json')]}-{name}.png" for name in names}
@@ -102,6 +102,32 @@ def test_decode_suite(quick_run):
         assert "### Decoding" in proc.stdout
     else:
         assert not decode and "decode: not run: step: performer.favor_attention_step is not" in proc.stdout
+
+
+def test_compress_suite(tmp_path, in_process):
+    """Every impl at every (K, threads, M), the block-sparse ones at each density and the dense ones
+    once; the FMA peak per thread count; the run's threads restored; a table per (K, threads)."""
+    threads = torch.get_num_threads()
+    code, io_ = in_process("compress", "--quick", "--sizes", "128", "--budget", "0", "--out", str(tmp_path))
+    assert code == 0 and torch.get_num_threads() == threads
+    (result,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    data = json.load(open(tmp_path / result))
+    records = [r for r in data["records"] if r["suite"] == "compress"]
+    ran, skipped = {r["impl"] for r in records} - {"peak"}, set(data["suites"]["compress"]["skipped"])
+    assert ran | skipped == {"compressed", "dense", "bf16", "int8", "bsr"} and {"compressed", "dense"} <= ran
+    points = {(r["impl"], r["case"].get("M"), r["case"]["threads"], r["case"].get("density")) for r in records}
+    assert points == {("peak", None, t, None) for t in (1, 2)} | {
+        (i, M, t, d) for i in ran for M in (1, 256) for t in (1, 2)
+        for d in ((0.5, 0.1) if i in ("compressed", "bsr") else (None,))}
+    # 16 blocks of 32 x 32: a density of 0.1 keeps 2 of them
+    assert {r["metrics"]["density"] for r in records if r["impl"] == "compressed"} == {0.5, 0.125}
+    assert all(r["metrics"]["gflops"] > 0 for r in records if r["impl"] in ("compressed", "peak"))
+    for t in ("1 thread", "2 threads"):
+        assert f"### Compressed linear layer y = x W^T, K = N = 128, {t}, float32, blocks of 32x32" in io_.out
+    assert "| M | density | performer ms | fp32 ms |" in io_.out and "| performer vs fp32 x density |" in io_.out
+    assert "| 256 | 0.125 |" in io_.out and "Measured FMA peak" in io_.out
+    (png,) = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+    assert png.endswith("-compress.png") and open(tmp_path / png, "rb").read(8) == PNG_SIGNATURE
 
 
 def test_compare_against_an_earlier_run(quick_run, tmp_path, in_process):
@@ -138,6 +164,7 @@ def test_the_committed_older_results_convert():
     (["nonsense"], "unknown suite 'nonsense'"),
     (["ATTENTION"], "unknown suite 'ATTENTION'"),
     (["--lengths", "0"], "--lengths must be positive integers"),
+    (["compress", "--sizes", "48"], "--sizes must be multiples of 32 for compress"),
     (["--compare", "/nonexistent/result.json"], "--compare: cannot read /nonexistent/result.json"),
 ])
 def test_bad_arguments_are_errors(argv, message, capsys):

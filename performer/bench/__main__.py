@@ -1,27 +1,32 @@
-"""Microbenchmarks of FAVOR+ attention and blocked_matmul against exact attention and
-torch.matmul, measured in one run, with tables, JSON and PNG plots.
+"""Microbenchmarks of FAVOR+ attention, blocked_matmul and compressed linear layers against exact
+attention, torch.matmul and torch's dense and quantized layers, measured in one run, with tables,
+JSON and PNG plots.
 
     python -m performer.bench --quick            # every suite at short sizes (the demo, under 2 minutes)
     python -m performer.bench                    # every suite at full sizes
     python -m performer.bench attention --lengths 1024 4096 --threads 2
     python -m performer.bench matmul --dtype bfloat16 --compare bench/results/bench-cpu-....json
+    python -m performer.bench compress --quick   # block-sparse layers vs dense, bf16, int8 and BSR
 
 Suites: attention (FAVOR+ bidirectional and causal vs SDPA and the plain-PyTorch FAVOR+, forward
 and forward+backward, time and peak memory vs sequence length), matmul (GFLOP/s vs torch.matmul
 and the measured FMA peak), accuracy (FAVOR+ error vs exact attention as the number of features
-grows), decode (cost of one token vs prefix length), all.
+grows), decode (cost of one token vs prefix length), compress (a block-pruned
+performer.nn.CompressedLinear vs torch's dense float32, bfloat16, dynamic int8 and BSR products,
+time vs density at 1 and 2 threads), all.
 
 Each measurement: a first call (the peak memory it adds is recorded), a warm-up call unless the
 first took over 50 ms, then repeats until the time budget has passed (at least 3), reported as
 median and interquartile range; a range above 10% of the median is flagged noisy. Threads are
-fixed for the run; on CUDA, times come from CUDA events after synchronization. Every ratio is
-against a baseline measured in the same run.
+fixed for the run (compress sets each case's own, then restores them); on CUDA, times come from
+CUDA events after synchronization. Every ratio is against a baseline measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +36,7 @@ import torch
 from performer.bench import cases, registry, report, runner
 from performer.bench.timing import CpuCounters, machine_info, others_cpu_share
 
-SUITES = ("attention", "matmul", "accuracy", "decode")
+SUITES = ("attention", "matmul", "accuracy", "decode", "compress")
 
 
 def parse_args(argv):
@@ -44,14 +49,16 @@ def parse_args(argv):
                              "computed on the CPU in float64")
     parser.add_argument("--dtype", nargs="+", choices=tuple(cases.DTYPES), metavar="DTYPE",
                         help=f"dtypes of attention, matmul and decode, of {', '.join(cases.DTYPES)} "
-                             "(default: float32; matmul float32 and bfloat16)")
+                             "(default: float32; matmul float32 and bfloat16; compress: float32 always)")
     parser.add_argument("--lengths", type=int, nargs="+", metavar="L",
                         help="sequence lengths of attention and prefix lengths of decode")
     parser.add_argument("--dim", type=int, metavar="E", help="attention head size (default: 64)")
     parser.add_argument("--sizes", type=int, nargs="+", metavar="N",
-                        help="square matmul sizes (replace the default square and FAVOR+ shapes)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help=f"CPU threads, fixed for the run (default here: {torch.get_num_threads()})")
+                        help="square matmul sizes (replace the default square and FAVOR+ shapes), and compress's "
+                             "K = N (multiples of its block, 32)")
+    parser.add_argument("--threads", type=int,
+                        help=f"CPU threads, fixed for the run (default here: {torch.get_num_threads()}); compress "
+                             "runs at each of 1 and 2 unless it is given")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="time spent repeating each measurement (default 1.0; --quick 0.15)")
     parser.add_argument("--out", default=os.path.join("bench", "results"),
@@ -68,9 +75,15 @@ def parse_args(argv):
     for name in ("lengths", "sizes"):
         if any(n < 1 for n in getattr(args, name) or ()):
             parser.error(f"--{name} must be positive integers")
-    if args.threads < 1 or (args.budget is not None and args.budget < 0):
+    if (args.threads is not None and args.threads < 1) or (args.budget is not None and args.budget < 0):
         parser.error("--threads must be at least 1 and --budget at least 0")
     args.suites = [s for s in SUITES if s in args.suites or "all" in args.suites or not args.suites]
+    block = registry.COMPRESS.block
+    if "compress" in args.suites and any(n % math.lcm(*block) for n in args.sizes or ()):
+        parser.error(f"--sizes must be multiples of {math.lcm(*block)} for compress (its {block[0]}x{block[1]} "
+                     "blocks: torch's BSR product takes whole ones)")
+    args.compress_threads = (args.threads,) if args.threads else None
+    args.threads = args.threads or torch.get_num_threads()
     if args.compare:
         try:
             args.compare_with = report.load_results(args.compare)
@@ -99,6 +112,11 @@ def plan(args) -> list[cases.Plan]:
             spec = registry.DECODE
             plans.append(cases.plan_decode(spec, args.lengths or spec.prefixes.pick(quick), args.dtype or spec.dtypes,
                                            args.device))
+        elif suite == "compress":
+            spec = registry.COMPRESS
+            plans.append(cases.plan_compress(spec, spec.rows.pick(quick), args.sizes or spec.features.pick(quick),
+                                             spec.densities.pick(quick),
+                                             args.compress_threads or spec.threads.pick(quick), args.device))
     return plans
 
 

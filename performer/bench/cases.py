@@ -11,10 +11,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import performer
 from performer.bench import registry
 from performer.bench.registry import Impl
+from performer.nn import BlockedLinear
 
 
 @dataclass
@@ -24,7 +26,9 @@ class Case:
     params: dict                          # what distinguishes it in its suite; the key in the JSON
     setup: Optional[Callable[[], Callable[[], object]]] = None
     evaluate: Optional[Callable[[], dict]] = None
-    flops: Optional[float] = None         # per call, for GFLOP/s
+    flops: Optional[float] = None         # per call, for GFLOP/s (setup may set it: the kept blocks' work)
+    threads: Optional[int] = None         # torch's threads while it runs (restored after); None: the run's
+    info: dict = field(default_factory=dict)  # what setup found (the kept density), added to the metrics
 
     def describe(self) -> str:
         return f"{self.suite} {self.impl} " + " ".join(f"{k}={v}" for k, v in self.params.items())
@@ -173,12 +177,12 @@ def plan_matmul(spec: registry.MatmulSuite, square, dtypes, device: str, with_fa
     return plan
 
 
-def peak_case(suite: str) -> Case:
-    """The CPU's measured float32 FMA peak on torch's thread count: the best of registry.PEAK_TRIES
-    (the first may find the cores cold)."""
-    threads = torch.get_num_threads()
+def peak_case(suite: str, threads: Optional[int] = None) -> Case:
+    """The CPU's measured float32 FMA peak on `threads` (default: torch's thread count): the best of
+    registry.PEAK_TRIES (the first may find the cores cold)."""
+    threads = threads or torch.get_num_threads()
     count, seconds = registry.PEAK_TRIES
-    return Case(suite, "peak", {"dtype": "float32", "threads": threads}, evaluate=lambda: {
+    return Case(suite, "peak", {"dtype": "float32", "threads": threads}, threads=threads, evaluate=lambda: {
         "gflops": max(torch.ops.performer.cpu_fma_peak_gflops(threads, seconds) for _ in range(count))})
 
 
@@ -189,6 +193,57 @@ def plan_decode(spec: registry.DecodeSuite, prefixes, dtypes, device: str) -> Pl
             if b * n <= spec.max_tokens]
     settings = {"batches": spec.batches, "heads": spec.heads, "dim": spec.dim, "num_features": spec.num_features}
     return _plan("decode", settings, spec.impls, make, grid, dict(grid[0], batch=1, prefix=4), device)
+
+
+def compress_layer(spec: registry.CompressSuite, K: int, density: Optional[float]) -> nn.Module:
+    """The (K, K) layer without bias from torch.manual_seed(0), the same initial weight for every
+    implementation: pruned to `density` of its blocks by block magnitude and compressed (a
+    performer.nn.CompressedLinear), or, with density None, dense (a plain nn.Linear, which
+    quantize_dynamic converts; it leaves subclasses alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if density is None:
+            return nn.Linear(K, K, bias=False)
+        return BlockedLinear(K, K, bias=False).prune(1 - density, block=spec.block).compress()
+
+
+def compress_call(impl: Impl, layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    run = impl.fn(layer, x)
+
+    def call():
+        with torch.no_grad():
+            return run()
+    return call
+
+
+def _compress_case(spec, impl, M, K, threads, density) -> Case:
+    def setup():
+        layer = compress_layer(spec, K, density)
+        if density is not None:  # whole blocks are kept: the density is that of a whole number of them
+            case.info["density"] = layer.density
+            case.flops = None if impl.baseline else 2.0 * M * K * K * layer.density
+        return compress_call(impl, layer, torch.randn(M, K, generator=torch.Generator().manual_seed(1)))
+    params = {"M": M, "K": K, "N": K, "threads": threads} | ({} if density is None else {"density": density})
+    case = Case("compress", impl.name, params, setup, threads=threads)  # setup fills in its density and flops
+    return case
+
+
+def plan_compress(spec: registry.CompressSuite, rows, features, densities, threads, device: str) -> Plan:
+    """Every impl at every (K, threads, M); the sparse ones at every density too, the dense ones once
+    (at the first density's point); and the FMA peak at each thread count."""
+    settings = {"block": list(spec.block), "dtype": "float32", "target": spec.target}
+    if device != "cpu":
+        return Plan("compress", settings, unavailable="CPU only (the block-sparse kernels run on the CPU)")
+
+    def make(impl, density, **point):
+        if not impl.sparse and density != densities[0]:
+            return None
+        return _compress_case(spec, impl, density=density if impl.sparse else None, **point)
+    grid = [dict(K=K, threads=t, M=M, density=d) for K in features for t in threads for M in rows for d in densities]
+    plan = _plan("compress", settings, spec.impls, make, grid, dict(grid[0], K=64, M=2), device)
+    if not plan.unavailable:
+        plan.cases[:0] = [peak_case("compress", t) for t in threads]
+    return plan
 
 
 def accuracy_errors(spec: registry.AccuracySuite, temperature: float, m: int) -> dict:

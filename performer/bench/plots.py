@@ -1,5 +1,6 @@
 """PNG plots of a run: attention time and memory vs sequence length, matmul GFLOP/s vs size with
-the FMA peak, FAVOR+ error vs number of features, decoding cost vs prefix length."""
+the FMA peak, FAVOR+ error vs number of features, decoding cost vs prefix length, a compressed
+layer's speed-up vs density."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from performer.bench.report import (_attention_groups, attention_crossovers, group_name, machine_line,  # noqa: E402
-                                    measured_peak, pivot, present_impls)
+from performer.bench.report import (_attention_groups, attention_crossovers, compress_rows,  # noqa: E402
+                                    compress_speedup, group_name, machine_line, measured_peak, pivot,
+                                    present_impls)
 
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
@@ -187,8 +189,32 @@ def decode(payload: dict, path: str) -> str:
     return _save(fig, payload, path, title, legend_from=ax)
 
 
+def compress(payload: dict, path: str) -> str:
+    """Speed-up over dense float32 vs density, one line per (M, K) on the fewest threads measured (1
+    by default), against the ideal 1 / density and the target."""
+    rows = compress_rows(payload["records"])
+    settings = payload["suites"]["compress"]["settings"]
+    subject = next(i.name for i in present_impls(payload["records"], "compress") if not i.baseline)
+    threads = min(t for _, t, _, _ in rows)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for K, M in sorted(dict.fromkeys((k, m) for k, t, m, _ in rows if t == threads)):
+        pts = sorted((d, s) for (k, t, m, d), by in rows.items()
+                     if (k, t, m) == (K, threads, M) and (s := compress_speedup(by, subject)) is not None)
+        ax.plot(*zip(*pts), marker="o", label=f"M={M}, K=N={K}")
+    densities = sorted({d for *_, d in rows})
+    ax.plot(densities, [1 / d for d in densities], color="black", label="ideal: 1 / density")
+    ax.plot(densities, [settings["target"] / d for d in densities], color="black", linestyle="--",
+            label=f"target: {settings['target']} / density")
+    ax.axhline(1, color="0.5", linewidth=0.8)
+    _log_axes(ax, densities, "density (fraction of blocks kept)", "speed-up over dense float32 F.linear", "")
+    title = (f"Compressed linear layer: speed-up over dense float32, higher is better\n(y = x W^T, K = N, blocks of "
+             f"{settings['block'][0]}x{settings['block'][1]}, {threads} thread{'s' if threads > 1 else ''})")
+    return _save(fig, payload, path, title, legend_from=ax)
+
+
 PLOTS = {"attention": [("attention-time", attention_time), ("attention-memory", attention_memory)],
-         "matmul": [("matmul", matmul)], "accuracy": [("accuracy", accuracy)], "decode": [("decode", decode)]}
+         "matmul": [("matmul", matmul)], "accuracy": [("accuracy", accuracy)], "decode": [("decode", decode)],
+         "compress": [("compress", compress)]}
 
 
 def write_plots(payload: dict, prefix: str) -> list[str]:

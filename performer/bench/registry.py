@@ -7,11 +7,13 @@ the tables give every subject's speed-up over every baseline measured in the sam
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import performer
 
@@ -34,6 +36,7 @@ class Impl:
     baseline: bool = False
     max_size: Optional[int] = None       # longest sequence it is run at
     devices: tuple[str, ...] = ("cpu", "cuda")
+    sparse: bool = False                 # compress: runs on the pruned weight, at every density
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,70 @@ DECODE = DecodeSuite(
                 _favor_step_with(backend="torch"), baseline=True),
            Impl("sdpa", "SDPA", "torch SDPA with a KV cache (exact)", _sdpa_kv_cache, baseline=True)))
 
-SUITES = {"attention": ATTENTION, "matmul": MATMUL, "accuracy": ACCURACY, "decode": DECODE}
+
+@dataclass(frozen=True)
+class CompressSuite:
+    """A linear layer y = x W^T without bias, x (M, K) float32 and W (N, K) with N = K, pruned to
+    `densities` of its `block`s and compressed, against dense products of the same (M, K, threads).
+    A layer's speed-up over dense float32 can reach 1 / density; `target` x that is the aim."""
+    rows: Sizes                      # M: one token, a few, a long prefill
+    features: Sizes                  # K = N
+    densities: Sizes                 # fraction of the blocks kept
+    threads: Sizes                   # each measured at each (the run's --threads replaces them)
+    block: tuple[int, int]
+    dense: str                       # the baseline every speed-up x density is against
+    target: float
+    impls: tuple[Impl, ...]          # fn(layer, x) -> call; layer: the pruned and compressed
+                                     # performer.nn.CompressedLinear for a sparse impl, else the dense nn.Linear
+
+
+def _compressed(layer, x):
+    return lambda: layer(x)
+
+
+def _dense(layer, x):
+    w = layer.weight.detach()
+    return lambda: F.linear(x, w)
+
+
+def _bfloat16(layer, x):
+    xb, wb = x.bfloat16(), layer.weight.detach().bfloat16()
+    return lambda: F.linear(xb, wb)
+
+
+def _int8_dynamic(layer, x):
+    with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated, and still runs
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)
+    if not isinstance(q[0], torch.ao.nn.quantized.dynamic.Linear):
+        raise RuntimeError(f"quantize_dynamic left the layer a {type(q[0]).__name__}")
+    return lambda: q(x)
+
+
+def _bsr(layer, x):
+    """torch's own block-sparse product, on the blocks the subject keeps."""
+    with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+        warnings.simplefilter("ignore")
+        w = layer.weight.to_sparse_bsr(layer.block)
+    return lambda: F.linear(x, w)
+
+
+# Square layers of transformer widths at one token (decoding), a few tokens and a prefill, on 1 and
+# 2 threads (the machine's cores). CPU only. torch's BSR product is the slow one: about 0.7 s at
+# M = 256, K = 2048, density 0.5 on one thread.
+COMPRESS = CompressSuite(
+    rows=Sizes(full=(1, 16, 256), quick=(1, 256)), features=Sizes(full=(2048, 4096), quick=(2048,)),
+    densities=Sizes(full=(0.5, 0.25, 0.1, 0.05), quick=(0.5, 0.1)), threads=Sizes(full=(1, 2), quick=(1, 2)),
+    block=(32, 32), dense="dense", target=0.75,
+    impls=(Impl("compressed", "performer", "performer.nn.CompressedLinear (block-sparse)", _compressed, sparse=True),
+           Impl("dense", "fp32", "torch F.linear, float32 (dense)", _dense, baseline=True),
+           Impl("bf16", "bf16", "torch F.linear, bfloat16 (dense)", _bfloat16, baseline=True),
+           Impl("int8", "int8 dynamic", "torch dynamic int8 quantized Linear", _int8_dynamic, baseline=True),
+           Impl("bsr", "torch BSR", "torch F.linear with a BSR weight (the same blocks)", _bsr, baseline=True,
+                sparse=True)))
+
+
+SUITES = {"attention": ATTENTION, "matmul": MATMUL, "accuracy": ACCURACY, "decode": DECODE, "compress": COMPRESS}
 
 
 def on_device(impls: tuple[Impl, ...], device: str) -> list[Impl]:

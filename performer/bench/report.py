@@ -134,13 +134,14 @@ FLOPS_NOTE = ("GFLOP/s: the FAVOR+ kernels' floating-point operations per call "
               "(performer.bench.registry.favor_flops) over the median time.")
 
 
-def measured_peak(records: list[dict], suite: str) -> Optional[float]:
-    """The FMA peak in GFLOP/s measured with the suite (CPU runs only)."""
-    return next((r["metrics"]["gflops"] for r in records if r["suite"] == suite and r["impl"] == "peak"), None)
+def measured_peak(records: list[dict], suite: str, threads: Optional[int] = None) -> Optional[float]:
+    """The FMA peak in GFLOP/s measured with the suite (CPU runs only), on `threads` if given."""
+    return next((r["metrics"]["gflops"] for r in records if r["suite"] == suite and r["impl"] == "peak"
+                 and threads in (None, r["case"]["threads"])), None)
 
 
-def peak_line(peak: float, records: list[dict], suite: str) -> str:
-    threads = next(r["case"]["threads"] for r in records if r["suite"] == suite and r["impl"] == "peak")
+def peak_line(peak: float, records: list[dict], suite: str, threads: Optional[int] = None) -> str:
+    threads = threads or next(r["case"]["threads"] for r in records if r["suite"] == suite and r["impl"] == "peak")
     return f" Measured FMA peak: {peak:.0f} GFLOP/s (float32, {threads} thread{'s' if threads > 1 else ''})."
 
 
@@ -192,8 +193,61 @@ def decode_section(records: list[dict], settings: dict) -> str:
                       .format(**settings), "", md_table(headers, rows, left=3), "", NOISY_NOTE, ""])
 
 
+def compress_rows(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """{(K, threads, M, density): {impl: metrics}}, the dense baselines (measured once per (K, threads,
+    M)) in every density's row."""
+    dense = pivot([r for r in records if "density" not in r["case"]], "compress", ("K", "threads", "M"))
+    return {key: {**dense.get(key[:3], {}), **by}
+            for key, by in pivot(records, "compress", ("K", "threads", "M", "density")).items()}
+
+
+def compress_speedup(by: dict, subject: str) -> Optional[float]:
+    """The subject's speed-up over dense float32."""
+    s, d = by.get(subject), by.get(registry.COMPRESS.dense)
+    return None if s is None or d is None else d["median_ms"] / s["median_ms"]
+
+
+def _times_density(by: dict, subject: str, target: float) -> str:
+    ratio = compress_speedup(by, subject)
+    if ratio is None:
+        return "—"
+    value = ratio * by[subject]["density"]
+    return f"{value:.2f}" + (" ✓" if value >= target else "")
+
+
+COMPRESS_NOTE = ("density: the fraction of blocks kept. x density: the speed-up over the dense float32 product "
+                 "times the density, 1 where the time is proportional to the blocks kept (the target: {target} or "
+                 "more, marked ✓). % of peak: the kept multiply-adds (2 M K N x density) per second over the "
+                 "measured FMA peak.")
+
+
+def compress_section(records: list[dict], settings: dict) -> str:
+    impls = present_impls(records, "compress")
+    subjects, baselines = _roles(impls)
+    rows = compress_rows(records)
+    dense = registry.impls("compress")[registry.COMPRESS.dense].short
+    out = []
+    for K, threads in dict.fromkeys(key[:2] for key in rows):
+        peak = measured_peak(records, "compress", threads)
+        table = [[str(M), f"{next((m['density'] for m in by.values() if 'density' in m), density):.3f}",
+                  *(fmt_ms(by.get(i.name)) for i in impls),
+                  *(speedup(by, s.name, b.name) for s in subjects for b in baselines),
+                  *(_times_density(by, s.name, settings["target"]) for s in subjects),
+                  *(percent_of_peak(by.get(s.name), peak) for s in subjects if peak)]
+                 for (k, t, M, density), by in rows.items() if (k, t) == (K, threads)]
+        headers = ["M", "density", *(f"{i.short} ms" for i in impls),
+                   *(f"{s.short} vs {b.short}" for s in subjects for b in baselines),
+                   *(f"{s.short} vs {dense} x density" for s in subjects),
+                   *(f"{s.short} % of peak" for s in subjects if peak)]
+        out += [f"### Compressed linear layer y = x W^T, K = N = {K}, {threads} thread{'s' if threads > 1 else ''}, "
+                "{dtype}, blocks of {block[0]}x{block[1]} (ms per call, median of repeats)".format(**settings), "",
+                md_table(headers, table, left=2), "", NOISY_NOTE, "",
+                COMPRESS_NOTE.format(**settings) + (peak_line(peak, records, "compress", threads) if peak else ""), ""]
+    return "\n".join(out)
+
+
 SECTIONS = {"attention": attention_section, "matmul": matmul_section, "accuracy": accuracy_section,
-            "decode": decode_section}
+            "decode": decode_section, "compress": compress_section}
 
 
 def unavailable_section(suite: str, reason: str) -> str:

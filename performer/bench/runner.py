@@ -1,10 +1,13 @@
 """The one runner: measures every case of the planned suites, behind one progress bar."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
+
+import torch
 
 from performer.bench.cases import Case, Plan
 from performer.bench.registry import Budget
@@ -51,8 +54,27 @@ class Progress:
 WARM_AFTER_S = 0.05
 
 
+@contextlib.contextmanager
+def threads(n: Optional[int]):
+    """torch's intra-op threads set to n (None: left as they are), and restored after."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(case: Case, device: str, budget: Budget) -> dict:
     """The record of one case: what it is and its metrics (times in ms, memory in MiB)."""
+    with threads(case.threads):
+        return _measure(case, device, budget)
+
+
+def _measure(case: Case, device: str, budget: Budget) -> dict:
     record = {"suite": case.suite, "impl": case.impl, "case": case.params}
     if case.evaluate is not None:
         record["metrics"] = case.evaluate()
@@ -67,7 +89,7 @@ def measure(case: Case, device: str, budget: Budget) -> dict:
                "calls_per_repeat": t.calls_per_repeat, "noisy": t.noisy, "peak_mb": peak_mb}
     if case.flops is not None:
         metrics["gflops"] = case.flops / t.median_ms * 1e-6
-    record["metrics"] = metrics
+    record["metrics"] = metrics | case.info
     return record
 
 
