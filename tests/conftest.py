@@ -201,6 +201,43 @@ def assert_close(got: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.T
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} ({dtype_id(got.dtype)})"
 
 
+# ---- every ISA copy of the CPU kernels -----------------------------------------------------------
+
+ISAS = ("baseline", "avx2", "avx512")
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+
+
+def _run_capped(isa: Optional[str], code: str, **env_vars: str) -> dict:
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+               **env_vars)
+    env.pop("PERFORMER_CPU_ISA", None)
+    if isa is not None:
+        env["PERFORMER_CPU_ISA"] = isa
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=TESTS_DIR, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"PERFORMER_CPU_ISA={isa}:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_DETECTED: list = []
+
+
+def run_on_isa(isa: str, script: str, **env_vars: str) -> dict:
+    """Runs ``script`` in a fresh process whose CPU kernels are capped at ``isa``
+    (PERFORMER_CPU_ISA; tests/ on the path), skipping where this CPU lacks it, and returns the JSON
+    its last line prints."""
+    if not _DETECTED:
+        _DETECTED.append(_run_capped(None, "import json, torch, performer; "
+                                           "print(json.dumps(torch.ops.performer.cpu_isa()))"))
+    if ISAS.index(isa) > ISAS.index(_DETECTED[0]):
+        pytest.skip(f"this CPU runs at most {_DETECTED[0]}")
+    return _run_capped(isa, script, **env_vars)
+
+
 # ---- Triton under the interpreter ----------------------------------------------------------------
 
 TRITON_CHILD_ENV = "PERFORMER_TRITON_TEST_CHILD"

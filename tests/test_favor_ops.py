@@ -1,14 +1,10 @@
 """The registered ops: opcheck, torch.compile, every CPU ISA copy and the thread count."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import performer
-from conftest import KERNELS, SPECS, Spec, assert_close, case_params, dtype_id, make_case
+from conftest import ISAS, KERNELS, SPECS, Spec, assert_close, case_params, dtype_id, make_case, run_on_isa
 
 # torch's own opcheck/compile internals warn about their use of torch.jit.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -104,10 +100,6 @@ def test_sequence_split_when_fewer_items_than_threads(causal, masked, dtype, ker
 
 # ---- every ISA copy of the kernels --------------------------------------------------------------
 
-ISAS = ("baseline", "avx2", "avx512")
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS_DIR)
-
 # Forward and backward of a fixed case (crossing the 64-row chunks, GQA, padding with a fully
 # masked row) in every mode, and blocked_matmul in every dtype and layout, checked against the float64
 # references inside the subprocess.
@@ -148,29 +140,8 @@ print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
 
-def _run_isa(cap):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    env.pop("PERFORMER_CPU_ISA", None)
-    if cap is not None:
-        env["PERFORMER_CPU_ISA"] = cap
-    code = ISA_SCRIPT if cap is not None else \
-        "import torch, performer, json; print(json.dumps({'isa': torch.ops.performer.cpu_isa()}))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"PERFORMER_CPU_ISA={cap}:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def detected_isa():
-    return _run_isa(None)["isa"]
-
-
 @pytest.mark.parametrize("isa", ISAS)
-def test_every_isa_copy_matches_reference(isa, detected_isa):
-    if ISAS.index(isa) > ISAS.index(detected_isa):
-        pytest.skip(f"this CPU runs at most {detected_isa}")
-    result = _run_isa(isa)
+def test_every_isa_copy_matches_reference(isa):
+    result = run_on_isa(isa, ISA_SCRIPT, OMP_NUM_THREADS="1")
     assert result["isa"] == isa
     assert result["checked"] == 3 * 2 * 2 * 4 + 4 * 3 * 4

@@ -4,12 +4,7 @@ gradcheck, opcheck, torch.compile, every ISA copy, malformed formats; Compressed
 performer.compress (prune -> compress, state_dict, dense weights loaded, to_linear, deepcopy)."""
 import copy
 import io
-import itertools
-import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,9 +14,8 @@ import performer
 from performer.nn import BlockedLinear, CompressedLinear
 from performer.ops.sparse import block_sparse_linear, pack_blocks, unpack_blocks
 from performer.ops.sparse.reference import block_grid, block_sparse_linear_reference
-from conftest import assert_close, dtype_id
+from conftest import ISAS, assert_close, dtype_id, run_on_isa
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPARSE_DTYPES = (torch.float32, torch.float64)
 BLOCKS = ((16, 4), (16, 64), (32, 32), (64, 8))
 
@@ -199,19 +193,9 @@ print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
 
-@pytest.mark.parametrize("isa", ("baseline", "avx2", "avx512"))
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_copy(isa):
-    probe = subprocess.run([sys.executable, "-c", "import torch, performer; print(torch.ops.performer.cpu_isa())"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    order = ["baseline", "avx2", "avx512"]
-    detected = probe.stdout.strip().splitlines()[-1]
-    if order.index(isa) > order.index(detected):
-        pytest.skip(f"this CPU runs at most {detected}")
-    env = dict(os.environ, PERFORMER_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, cwd=os.path.join(REPO, "tests"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"PERFORMER_CPU_ISA={isa}:\n{proc.stdout}\n{proc.stderr}"
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"isa": isa, "checked": 32}
+    assert run_on_isa(isa, ISA_SCRIPT) == {"isa": isa, "checked": 32}
 
 
 # ---- bad input ---------------------------------------------------------------------------------

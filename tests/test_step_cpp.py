@@ -2,20 +2,15 @@
 step: every spec, dtype and kernel, pieces of several sizes, in place, non-contiguous inputs and
 states, the multi-thread split of one head, every ISA copy, opcheck and torch.compile."""
 import dataclasses
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import performer
-from conftest import KERNELS, SPECS, dtype_id, make_case
+from conftest import ISAS, KERNELS, SPECS, dtype_id, make_case, run_on_isa
 
 CAUSAL_SPECS = [s for s in SPECS if s.causal_ok]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2e-3}
 
 
@@ -255,17 +250,6 @@ print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_copy_of_the_step(isa):
-    probe = subprocess.run([sys.executable, "-c", "import torch, performer; print(torch.ops.performer.cpu_isa())"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    detected = probe.stdout.strip().splitlines()[-1]
-    order = ["baseline", "avx2", "avx512"]
-    if order.index(isa) > order.index(detected):
-        pytest.skip(f"this CPU runs at most {detected}")
-    env = dict(os.environ, PERFORMER_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    proc = subprocess.run([sys.executable, "-c", STEP_ISA_SCRIPT], env=env, cwd=os.path.join(REPO, "tests"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"PERFORMER_CPU_ISA={isa}:\n{proc.stdout}\n{proc.stderr}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"isa": isa, "checked": 12}
+    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 12}
