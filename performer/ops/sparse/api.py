@@ -39,8 +39,6 @@ class SparseLinearArgs:
 
 
 def _cpp_check(args: SparseLinearArgs) -> Optional[str]:
-    if args.device.type != "cpu":
-        return "runs on cpu only"
     if args.values.shape[2] % 16:
         return f"needs blocks of a multiple of 16 rows; got {args.values.shape[2]}"
     return None
