@@ -41,7 +41,13 @@ TORCH_LIBRARY(performer, m) {
   // row (performer/ops/sparse/reference.py packs and unpacks it); float32 or float64. Returns (M, N).
   m.def("block_sparse_linear(Tensor x, Tensor values, Tensor block_cols, Tensor row_ptr, Tensor? bias, "
         "int N) -> Tensor");
-  // The instruction set whose CPU kernels run here: "baseline", "avx2" or "avx512".
+  // The same product with int8 weights: Wq (N, K) int8 times per-output scales (N) float32, its
+  // blocks stored as values (nnzb, bc / 4, br, 4), groups of 4 inputs per output (pack_int8 in
+  // reference.py). col_sums (N) int32 = Wq's row sums: x's rows are quantized to uint8 at run time
+  // (integer products); None: x stays float32 (weight-only). Returns (M, N) float32.
+  m.def("block_sparse_linear_int8(Tensor x, Tensor values, Tensor scales, Tensor? col_sums, Tensor block_cols, "
+        "Tensor row_ptr, Tensor? bias, int N) -> Tensor");
+  // The instruction set whose CPU kernels run here: "baseline", "avx2", "avx512" or "avx512_vnni".
   m.def("cpu_isa() -> str", [] { return std::string(performer::cpu::kernels().name); });
   // The measured float FMA throughput of those kernels' vectors on `threads` threads, in GFLOP/s:
   // the peak that the benchmarks compare with.
@@ -53,7 +59,7 @@ TORCH_LIBRARY(performer, m) {
 // Importing performer._C runs the registrations above. The module holds two functions called
 // directly, without the dispatcher's and the Python autograd wrapper's microseconds per call, which
 // are most of a small call's cost: the in-place decoding step (performer.favor_attention_step) and the
-// block-sparse product (performer.nn.CompressedLinear), in eager mode on CPU tensors that need no
+// block-sparse products (performer.nn.CompressedLinear and Int8Linear), in eager mode on CPU tensors that need no
 // gradient (torch.compile and everything else go through torch.ops.performer.*).
 PYBIND11_MODULE(_C, m) {
   m.def("favor_step_", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
@@ -69,5 +75,12 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK(x.device().is_cpu(), "performer._C.block_sparse_linear runs on CPU tensors; got ", x.device());
     pybind11::gil_scoped_release no_gil;
     return performer::cpu::block_sparse_linear(x, values, block_cols, row_ptr, bias, N);
+  });
+  m.def("block_sparse_linear_int8", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& scales,
+                                       const std::optional<at::Tensor>& col_sums, const at::Tensor& block_cols,
+                                       const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, int64_t N) {
+    TORCH_CHECK(x.device().is_cpu(), "performer._C.block_sparse_linear_int8 runs on CPU tensors; got ", x.device());
+    pybind11::gil_scoped_release no_gil;
+    return performer::cpu::block_sparse_linear_int8(x, values, scales, col_sums, block_cols, row_ptr, bias, N);
   });
 }

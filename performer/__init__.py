@@ -9,6 +9,7 @@
     c = performer.blocked_matmul(a, b)            # torch.matmul semantics
     layer = performer.nn.BlockedLinear(512, 256)  # nn.Linear drop-in
     model = performer.compress(model, sparsity=0.9)  # every nn.Linear -> block-sparse CompressedLinear
+    model = performer.compress(model, sparsity=0.9, quantize="int8")  # ... -> block-sparse Int8Linear
 """
 from . import nn
 from .compress import compress, prune

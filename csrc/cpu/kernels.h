@@ -91,6 +91,24 @@ struct SparseLinearParams {
   int num_threads;
 };
 
+// y (M, N) float32 contiguous = x (M, K) (s_w Wq)^T + bias, Wq int8 block-sparse in groups of 4
+// inputs (csrc/cpu/int8_kernel.h explains the format and the two modes): col_sums (N) = the sums of
+// Wq's rows selects the dynamic mode (x quantized per row to uint8), null the weight-only mode.
+// M, N, K >= 1; br is a multiple of 16, bc of 4; K * 255 * 127 < 2^31.
+struct Int8LinearParams {
+  int64_t M, N, K, br, bc;
+  const float* x;
+  int64_t x_row_stride;
+  const int8_t* values;      // (nnzb, bc / 4, br, 4)
+  const float* scales;       // (N)
+  const int32_t* col_sums;   // (N) or null
+  const int32_t* row_ptr;    // (ceil(N / br) + 1)
+  const int32_t* block_cols; // (nnzb)
+  const float* bias;         // (N) or null
+  float* y;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* name;
   void (*favor_forward)(const FavorParams&);
@@ -98,14 +116,17 @@ struct KernelTable {
   void (*favor_step)(const StepParams&);
   void (*matmul)(const MatmulParams&);
   void (*sparse_linear)(const SparseLinearParams&);
+  void (*int8_linear)(const Int8LinearParams&);
   double (*fma_peak_gflops)(int threads, double seconds);  // measured, see fma_peak.h
 };
 
 namespace baseline { extern const KernelTable table; }
 namespace avx2 { extern const KernelTable table; }
 namespace avx512 { extern const KernelTable table; }
+// AVX-512 VNNI (vpdpbusd) adds only an int8 product; its table is avx512's with that one replaced.
+namespace avx512_vnni { void int8_linear(const Int8LinearParams&); }
 
-// The best table this CPU runs, capped by PERFORMER_CPU_ISA=baseline|avx2|avx512 when set
+// The best table this CPU runs, capped by PERFORMER_CPU_ISA=baseline|avx2|avx512|avx512_vnni when set
 // (read once, like ATEN_CPU_CAPABILITY; used to test every copy on one machine).
 const KernelTable& kernels();
 

@@ -21,9 +21,10 @@ namespace performer::cpu::baseline {
 #include "favor_step_kernel.h"
 #include "matmul_kernel.h"
 #include "sparse_kernel.h"
+#include "int8_kernel.h"
 #include "fma_peak.h"
 
 extern const KernelTable table = {"baseline", favor_forward, favor_backward, favor_step, matmul, sparse_linear,
-                                   fma_peak_gflops};
+                                   int8_linear, fma_peak_gflops};
 
 }  // namespace performer::cpu::baseline

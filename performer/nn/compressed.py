@@ -9,12 +9,13 @@ state_dict with a dense ``weight`` instead (an nn.Linear's) compresses it on loa
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import _C_loader
-from .._validate import _dtype_name, check_tensor
+from .._validate import _dtype_name, check_choice, check_tensor
 from ..ops.sparse import block_sparse_linear, pack_blocks, unpack_blocks
 from . import pruning
 
@@ -24,6 +25,13 @@ FORMAT_VERSION = 1
 
 _C = getattr(_C_loader, "_C", None)
 _TENSOR = torch.Tensor
+
+
+def check_format_version(state_dict, prefix: str) -> None:
+    version = state_dict.get(prefix + "format_version")
+    if version is not None and int(version) != FORMAT_VERSION:
+        raise ValueError(f"{prefix}format_version must be {FORMAT_VERSION} (this performer's block-sparse "
+                         f"format); got {int(version)}")
 
 
 class CompressedLinear(nn.Module):
@@ -89,6 +97,21 @@ class CompressedLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def quantize(self, dtype: str = "int8", *, activations: Optional[str] = "dynamic"):
+        """This layer's kept blocks with int8 weights (per-output scales), as a new
+        ``performer.nn.Int8Linear``: ``activations="dynamic"`` quantizes each input row at run
+        time (integer products), ``None`` keeps the input float (weight-only)."""
+        from .quantized import Int8Linear, check_int8_source
+        check_choice("dtype", dtype, ("int8",))
+        check_int8_source("the layer's dtype", self.values.dtype)
+        new = Int8Linear(self.in_features, self.out_features, self.bias is not None, block=self.block,
+                         activations=activations, device=self.values.device, backend=self.backend)
+        new._set_weight(self.weight.float(), sparse=True)
+        if self.bias is not None:
+            new.bias.data.copy_(self.bias.detach())
+        new.train(self.training)
+        return new
+
     def _direct(self, x: torch.Tensor):
         """Inference in eager mode on plain CPU tensors: straight to performer._C.block_sparse_linear
         (the kernel the op runs, whose checks are the op's), without the dispatcher's and the
@@ -139,10 +162,7 @@ class CompressedLinear(nn.Module):
             state_dict[prefix + "block_cols"], state_dict[prefix + "row_ptr"] = self.block_cols, self.row_ptr
             state_dict[prefix + "format_version"] = self.format_version
         else:
-            version = state_dict.get(prefix + "format_version")
-            if version is not None and int(version) != FORMAT_VERSION:
-                raise ValueError(f"{prefix}format_version must be {FORMAT_VERSION} (this performer's block-sparse "
-                                 f"format); got {int(version)}")
+            check_format_version(state_dict, prefix)
             values = state_dict.get(prefix + "values")
             if values is not None:  # the number of kept blocks is the checkpoint's
                 if values.dim() != 3 or tuple(values.shape[1:]) != tuple(self.values.shape[1:]):

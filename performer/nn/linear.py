@@ -1,10 +1,12 @@
 """BlockedLinear: nn.Linear on the package's blocked matmul."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_choice, check_tensor
 from ..ops.matmul import blocked_matmul
 from . import pruning
 from .compressed import DEFAULT_BLOCK, SUPPORTED_BLOCKS, CompressedLinear
@@ -59,6 +61,15 @@ class BlockedLinear(nn.Linear):
             raise ValueError("compress() needs a pruned layer: call prune(sparsity) first (or "
                              "performer.compress(model, sparsity=...))")
         return CompressedLinear.from_linear(self, backend=self.backend)
+
+    def quantize(self, dtype: str = "int8", *, activations: Optional[str] = "dynamic", block=None):
+        """The layer with int8 weights (per-output scales) as a new ``performer.nn.Int8Linear``:
+        a pruned layer keeps only its kept blocks, a dense one every block of ``block`` (default
+        (32, 32)). ``activations="dynamic"`` quantizes each input row at run time (integer
+        products), ``None`` keeps the input float (weight-only)."""
+        from .quantized import Int8Linear
+        check_choice("dtype", dtype, ("int8",))
+        return Int8Linear.from_linear(self, activations=activations, block=block, backend=self.backend)
 
     def __getstate__(self):
         # A pruned layer's ``weight`` is recomputed from weight_orig * weight_mask before every

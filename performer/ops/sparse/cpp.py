@@ -1,19 +1,27 @@
-"""The compiled op torch.ops.performer.block_sparse_linear: its fake kernel and its autograd.
+"""The compiled ops torch.ops.performer.block_sparse_linear and block_sparse_linear_int8: their fake
+kernels and autograd.
 
-The backward keeps the weight's sparsity: grad_values holds only the kept blocks (each block's
-x-columns times its panel's output gradient), and grad_x = grad_y @ W with W unpacked."""
+The float backward keeps the weight's sparsity: grad_values holds only the kept blocks (each
+block's x-columns times its panel's output gradient), and grad_x = grad_y @ W with W unpacked.
+The int8 op's weights are constants: it has gradients for x (through the dequantized weight; the
+dynamic mode's rounding of x is passed straight through) and bias."""
 from __future__ import annotations
 
 import torch
 
 from ..._C_loader import unavailable_reason
-from .reference import block_rows, unpack_blocks
+from .reference import block_rows, unpack_blocks, unpack_int8
 
 OP_NAME = "performer::block_sparse_linear"
+INT8_OP_NAME = "performer::block_sparse_linear_int8"
 
 
 def block_sparse_linear_cpp(x, values, block_cols, row_ptr, bias, N):
     return torch.ops.performer.block_sparse_linear(x, values, block_cols, row_ptr, bias, N)
+
+
+def block_sparse_linear_int8_cpp(x, values, scales, col_sums, block_cols, row_ptr, bias, N):
+    return torch.ops.performer.block_sparse_linear_int8(x, values, scales, col_sums, block_cols, row_ptr, bias, N)
 
 
 def grad_values(x: torch.Tensor, grad: torch.Tensor, block_cols: torch.Tensor, row_ptr: torch.Tensor,
@@ -52,3 +60,26 @@ if unavailable_reason() is None:
         return grad_x, grad_v, None, None, grad_b, None
 
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake(INT8_OP_NAME)
+    def _(x, values, scales, col_sums, block_cols, row_ptr, bias, N):
+        torch._check(x.dim() == 2 and values.dim() == 4,
+                     lambda: "block_sparse_linear_int8 takes x (M, K), values (nnzb, bc / 4, br, 4)")
+        return x.new_empty(x.shape[0], N)
+
+    def _setup_context_int8(ctx, inputs, output):
+        x, values, scales, col_sums, block_cols, row_ptr, bias, N = inputs
+        ctx.save_for_backward(values, scales, block_cols, row_ptr)
+        ctx.N, ctx.K, ctx.has_bias = N, x.shape[1], bias is not None
+
+    def _backward_int8(ctx, grad):
+        values, scales, block_cols, row_ptr = ctx.saved_tensors
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            weight = unpack_int8(values, block_cols, row_ptr, ctx.N, ctx.K).to(grad.dtype) * scales[:, None]
+            grad_x = grad @ weight
+        if ctx.needs_input_grad[6] and ctx.has_bias:
+            grad_b = grad.sum(0)
+        return grad_x, None, None, None, None, None, grad_b, None
+
+    torch.library.register_autograd(INT8_OP_NAME, _backward_int8, setup_context=_setup_context_int8)

@@ -10,6 +10,12 @@ p*br .. p*br + br - 1), in CSR order:
 
 Edge blocks are zero-padded past N and K. k-major blocks let the micro-kernel load a vector of
 br outputs per input (csrc/cpu/sparse_kernel.h).
+
+Int8 weights (``quantize_weight``: W ~ scales[n] Wq[n, k], symmetric, per output) use the same
+blocks and indices with each block in groups of 4 inputs, the layout of the u8 x s8 dot-product
+instructions (csrc/cpu/int8_kernel.h):
+
+    values     (nnzb, bc / 4, br, 4) int8   values[b, g, r, j] = Wq[p*br + r, block_cols[b]*bc + 4g + j]
 """
 from __future__ import annotations
 
@@ -70,3 +76,83 @@ def block_sparse_linear_reference(x: torch.Tensor, values: torch.Tensor, block_c
     dtype = dtype or x.dtype
     weight = unpack_blocks(values.to(dtype), block_cols, row_ptr, N, x.shape[-1])
     return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+
+
+# ---- int8 ----------------------------------------------------------------------------------------
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output int8: (Wq (N, K) int8 in [-127, 127], scales (N,) float32) with
+    W ~ scales[:, None] * Wq; a zero row gets scale 1."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1) / 127 if w.shape[1] else w.new_ones(w.shape[0])
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def to_groups_of_4(values: torch.Tensor) -> torch.Tensor:
+    """k-major blocks (nnzb, bc, br) -> (nnzb, bc / 4, br, 4)."""
+    nnzb, bc, br = values.shape
+    return values.view(nnzb, bc // 4, 4, br).transpose(2, 3).contiguous()
+
+
+def from_groups_of_4(values: torch.Tensor) -> torch.Tensor:
+    """(nnzb, bc / 4, br, 4) -> k-major blocks (nnzb, bc, br)."""
+    nnzb, groups, br, _ = values.shape
+    return values.transpose(2, 3).reshape(nnzb, groups * 4, br)
+
+
+def pack_int8(weight: torch.Tensor, block: tuple[int, int], keep: Optional[torch.Tensor] = None):
+    """(BlockSparse with int8 values (nnzb, bc / 4, br, 4), scales (N,)) of ``weight`` (N, K)
+    float: the blocks kept as in ``pack_blocks`` (by default those with a nonzero weight),
+    quantized per output."""
+    if block[1] % 4:
+        raise ValueError(f"block must have a multiple of 4 columns for int8; got {tuple(block)}")
+    if keep is None:
+        keep = block_grid(weight, block).ne(0).any(dim=3).any(dim=2)
+    q, scales = quantize_weight(weight)
+    packed = pack_blocks(q, block, keep)
+    return BlockSparse(to_groups_of_4(packed.values), packed.block_cols, packed.row_ptr), scales
+
+
+def unpack_int8(values: torch.Tensor, block_cols: torch.Tensor, row_ptr: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The dense (N, K) int8 Wq."""
+    return unpack_blocks(from_groups_of_4(values), block_cols, row_ptr, N, K)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dynamic mode's per-row quantization of x (M, K) float32: (q (M, K) uint8, scale (M,),
+    zero (M,) int32) with x ~ scale (q - zero) over each row's range widened to include 0, rounded
+    to nearest even in float32, as the kernels do; a zero row gets scale 1, a row holding an inf or
+    a NaN scale NaN."""
+    x = x.float()
+    lo = x.amin(dim=1).clamp(max=0) if x.shape[1] else x.new_zeros(x.shape[0])
+    hi = x.amax(dim=1).clamp(min=0) if x.shape[1] else x.new_zeros(x.shape[0])
+    scale = (hi - lo) / 255
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    bad = ~torch.isfinite(x).all(dim=1)
+    inv = 1 / scale
+    zero = torch.round(-lo * inv).clamp(0, 255)
+    q = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0, 255)
+    q = torch.where(bad[:, None], torch.zeros_like(q), q)
+    scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+    zero = torch.where(bad, torch.zeros_like(zero), zero)
+    return q.to(torch.uint8), scale, zero.to(torch.int32)
+
+
+def block_sparse_linear_int8_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                                       col_sums: Optional[torch.Tensor], block_cols: torch.Tensor,
+                                       row_ptr: torch.Tensor, bias: Optional[torch.Tensor], N: int) -> torch.Tensor:
+    """What block_sparse_linear_int8 computes, in x's dtype: with ``col_sums`` (dynamic mode) the
+    exact integer sums of the rows quantized by ``quantize_rows`` and the float32 scaling the
+    kernels apply; without (weight-only) x (scales Wq)^T in float64."""
+    wq = unpack_int8(values, block_cols, row_ptr, N, x.shape[1]).double()
+    if col_sums is None:
+        y = F.linear(x.double(), wq * scales.double()[:, None])
+    else:
+        q, scale, zero = quantize_rows(x)
+        sums = (q.double() @ wq.t()).long() - zero.long()[:, None] * col_sums.long()[None, :]   # exact
+        y = sums.float() * (scale[:, None] * scales.float()[None, :])
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
