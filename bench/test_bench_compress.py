@@ -1,5 +1,6 @@
-"""A block-pruned performer.nn.CompressedLinear against torch's dense float32, bfloat16, dynamic
-int8 and BSR products, y = x W^T with K = N; the block-sparse ones at each density."""
+"""A block-pruned performer.nn.CompressedLinear and its int8 forms (performer.nn.Int8Linear, dynamic
+and weight-only) against torch's dense float32, bfloat16, dynamic int8 and BSR products, y = x W^T
+with K = N; the block-sparse ones at each density (1.0: every block kept)."""
 import pytest
 import torch
 

@@ -114,18 +114,22 @@ def test_compress_suite(tmp_path, in_process):
     data = json.load(open(tmp_path / result))
     records = [r for r in data["records"] if r["suite"] == "compress"]
     ran, skipped = {r["impl"] for r in records} - {"peak"}, set(data["suites"]["compress"]["skipped"])
-    assert ran | skipped == {"compressed", "dense", "bf16", "int8", "bsr"} and {"compressed", "dense"} <= ran
+    sparse = {"compressed", "int8_dynamic", "int8_weight_only", "bsr"}
+    assert ran | skipped == sparse | {"dense", "bf16", "int8"}
+    assert {"compressed", "int8_dynamic", "int8_weight_only", "dense"} <= ran
     points = {(r["impl"], r["case"].get("M"), r["case"]["threads"], r["case"].get("density")) for r in records}
     assert points == {("peak", None, t, None) for t in (1, 2)} | {
-        (i, M, t, d) for i in ran for M in (1, 256) for t in (1, 2)
-        for d in ((0.5, 0.1) if i in ("compressed", "bsr") else (None,))}
+        (i, M, t, d) for i in ran for M in (1, 256) for t in (1, 2) for d in ((1.0, 0.1) if i in sparse else (None,))}
     # 16 blocks of 32 x 32: a density of 0.1 keeps 2 of them
-    assert {r["metrics"]["density"] for r in records if r["impl"] == "compressed"} == {0.5, 0.125}
-    assert all(r["metrics"]["gflops"] > 0 for r in records if r["impl"] in ("compressed", "peak"))
+    for impl in ("compressed", "int8_dynamic"):
+        assert {r["metrics"]["density"] for r in records if r["impl"] == impl} == {1.0, 0.125}
+    assert all(r["metrics"]["gflops"] > 0 for r in records if r["impl"] in ("compressed", "int8_dynamic", "peak"))
     for t in ("1 thread", "2 threads"):
         assert f"### Compressed linear layer y = x W^T, K = N = 128, {t}, float32, blocks of 32x32" in io_.out
-    assert "| M | density | performer ms | fp32 ms |" in io_.out and "| performer vs fp32 x density |" in io_.out
+    assert "| M | density | performer ms | performer int8 ms | performer w8 ms | fp32 ms |" in io_.out and "| performer vs fp32 x density |" in io_.out
     assert "| 256 | 0.125 |" in io_.out and "Measured FMA peak" in io_.out
+    assert "| performer int8 vs int8 dynamic |" in io_.out and "| performer w8 vs fp32 x density |" in io_.out
+    assert "| performer int8 vs bf16 |" not in io_.out
     (png,) = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
     assert png.endswith("-compress.png") and open(tmp_path / png, "rb").read(8) == PNG_SIGNATURE
 

@@ -6,14 +6,15 @@ JSON and PNG plots.
     python -m performer.bench                    # every suite at full sizes
     python -m performer.bench attention --lengths 1024 4096 --threads 2
     python -m performer.bench matmul --dtype bfloat16 --compare bench/results/bench-cpu-....json
-    python -m performer.bench compress --quick   # block-sparse layers vs dense, bf16, int8 and BSR
+    python -m performer.bench compress --quick   # block-sparse float32 and int8 layers vs torch's
 
 Suites: attention (FAVOR+ bidirectional and causal vs SDPA and the plain-PyTorch FAVOR+, forward
 and forward+backward, time and peak memory vs sequence length), matmul (GFLOP/s vs torch.matmul
 and the measured FMA peak), accuracy (FAVOR+ error vs exact attention as the number of features
 grows), decode (cost of one token vs prefix length), compress (a block-pruned
-performer.nn.CompressedLinear vs torch's dense float32, bfloat16, dynamic int8 and BSR products,
-time vs density at 1 and 2 threads), all.
+performer.nn.CompressedLinear and its int8 forms, performer.nn.Int8Linear dynamic and weight-only,
+vs torch's dense float32, bfloat16, dynamic int8 and BSR products, time vs density from 1 (dense)
+down, at 1 and 2 threads), all.
 
 Each measurement: a first call (the peak memory it adds is recorded), a warm-up call unless the
 first took over 50 ms, then repeats until the time budget has passed (at least 3), reported as

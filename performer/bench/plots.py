@@ -190,25 +190,31 @@ def decode(payload: dict, path: str) -> str:
 
 
 def compress(payload: dict, path: str) -> str:
-    """Speed-up over dense float32 vs density, one line per (M, K) on the fewest threads measured (1
-    by default), against the ideal 1 / density and the target."""
+    """Speed-up over dense float32 vs density on the fewest threads measured (1 by default) at the
+    smallest K: a color per M, a line style per subject (float32 and int8 layers), against the ideal
+    1 / density and the target."""
     rows = compress_rows(payload["records"])
     settings = payload["suites"]["compress"]["settings"]
-    subject = next(i.name for i in present_impls(payload["records"], "compress") if not i.baseline)
+    subjects = [i for i in present_impls(payload["records"], "compress") if not i.baseline]
     threads = min(t for _, t, _, _ in rows)
+    K = min(k for k, t, _, _ in rows if t == threads)
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for K, M in sorted(dict.fromkeys((k, m) for k, t, m, _ in rows if t == threads)):
-        pts = sorted((d, s) for (k, t, m, d), by in rows.items()
-                     if (k, t, m) == (K, threads, M) and (s := compress_speedup(by, subject)) is not None)
-        ax.plot(*zip(*pts), marker="o", label=f"M={M}, K=N={K}")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, M in enumerate(sorted({m for k, t, m, _ in rows if (k, t) == (K, threads)})):
+        for subject, linestyle in zip(subjects, ("-", "--", ":")):
+            pts = sorted((d, s) for (k, t, m, d), by in rows.items()
+                         if (k, t, m) == (K, threads, M) and (s := compress_speedup(by, subject.name)) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=colors[n % len(colors)], linestyle=linestyle,
+                        label=f"{subject.short}, M={M}")
     densities = sorted({d for *_, d in rows})
     ax.plot(densities, [1 / d for d in densities], color="black", label="ideal: 1 / density")
-    ax.plot(densities, [settings["target"] / d for d in densities], color="black", linestyle="--",
+    ax.plot(densities, [settings["target"] / d for d in densities], color="black", linestyle="-.",
             label=f"target: {settings['target']} / density")
     ax.axhline(1, color="0.5", linewidth=0.8)
     _log_axes(ax, densities, "density (fraction of blocks kept)", "speed-up over dense float32 F.linear", "")
-    title = (f"Compressed linear layer: speed-up over dense float32, higher is better\n(y = x W^T, K = N, blocks of "
-             f"{settings['block'][0]}x{settings['block'][1]}, {threads} thread{'s' if threads > 1 else ''})")
+    title = (f"Compressed linear layer: speed-up over dense float32, higher is better\n(y = x W^T, K = N = {K}, "
+             f"blocks of {settings['block'][0]}x{settings['block'][1]}, {threads} thread{'s' if threads > 1 else ''})")
     return _save(fig, payload, path, title, legend_from=ax)
 
 

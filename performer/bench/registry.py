@@ -37,6 +37,7 @@ class Impl:
     max_size: Optional[int] = None       # longest sequence it is run at
     devices: tuple[str, ...] = ("cpu", "cuda")
     sparse: bool = False                 # compress: runs on the pruned weight, at every density
+    vs: tuple[str, ...] = ()             # a subject's baselines in the speed-up columns (empty: all)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,13 @@ def _compressed(layer, x):
     return lambda: layer(x)
 
 
+def _int8_compressed(activations):
+    def make(layer, x):
+        q = layer.quantize("int8", activations=activations)
+        return lambda: q(x)
+    return make
+
+
 def _dense(layer, x):
     w = layer.weight.detach()
     return lambda: F.linear(x, w)
@@ -272,13 +280,18 @@ def _bsr(layer, x):
 
 
 # Square layers of transformer widths at one token (decoding), a few tokens and a prefill, on 1 and
-# 2 threads (the machine's cores). CPU only. torch's BSR product is the slow one: about 0.7 s at
+# 2 threads (the machine's cores), dense (density 1: every block kept) to 5% of the blocks; the
+# block-sparse layer in float32 and in int8 (dynamic and weight-only). CPU only. torch's BSR product is the slow one: about 0.7 s at
 # M = 256, K = 2048, density 0.5 on one thread.
 COMPRESS = CompressSuite(
     rows=Sizes(full=(1, 16, 256), quick=(1, 256)), features=Sizes(full=(2048, 4096), quick=(2048,)),
-    densities=Sizes(full=(0.5, 0.25, 0.1, 0.05), quick=(0.5, 0.1)), threads=Sizes(full=(1, 2), quick=(1, 2)),
+    densities=Sizes(full=(1.0, 0.5, 0.25, 0.1, 0.05), quick=(1.0, 0.1)), threads=Sizes(full=(1, 2), quick=(1, 2)),
     block=(32, 32), dense="dense", target=0.75,
     impls=(Impl("compressed", "performer", "performer.nn.CompressedLinear (block-sparse)", _compressed, sparse=True),
+           Impl("int8_dynamic", "performer int8", "performer.nn.Int8Linear (block-sparse, dynamic int8)",
+                _int8_compressed("dynamic"), sparse=True, vs=("dense", "int8")),
+           Impl("int8_weight_only", "performer w8", "performer.nn.Int8Linear (block-sparse, int8 weight-only)",
+                _int8_compressed(None), sparse=True, vs=("dense", "int8")),
            Impl("dense", "fp32", "torch F.linear, float32 (dense)", _dense, baseline=True),
            Impl("bf16", "bf16", "torch F.linear, bfloat16 (dense)", _bfloat16, baseline=True),
            Impl("int8", "int8 dynamic", "torch dynamic int8 quantized Linear", _int8_dynamic, baseline=True),
