@@ -393,3 +393,21 @@ def test_bad_quantize_arguments_raise():
     with pytest.raises(TypeError, match="input must have dtype float32"):
         q(torch.zeros(3, 70, dtype=torch.float64))
     assert math.isfinite(q.density)
+
+
+def test_performer_compress_quantizes_compressed_layers(caplog):
+    """performer.compress(quantize="int8") on a compressed model keeps each layer's blocks."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    performer.compress(model, 0.5, block=(16, 16))
+    blocks = [m.values.shape[0] for m in (model[0], model[2])]
+    x = randn(6, 64, seed=32)
+    before = model(x)
+    with caplog.at_level(logging.INFO, logger="performer"):
+        performer.compress(model, quantize="int8")
+    assert [m.values.shape[0] for m in (model[0], model[2])] == blocks
+    assert all(isinstance(m, Int8Linear) and m.block == (16, 16) for m in (model[0], model[2]))
+    assert ((model(x) - before).norm() / before.norm()).item() < 0.02
+    assert "weights 0.02 -> 0.01 MB" in caplog.text   # float32 kept blocks -> int8
+    with pytest.raises(ValueError, match="sparsity must be None for a model with CompressedLinear layers"):
+        performer.compress(nn.Sequential(pruned_layer().compress()), 0.5, quantize="int8")
