@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional, Sequence
 
 from torch import nn
@@ -41,8 +42,10 @@ def prune(model: nn.Module, sparsity: float, *, block: tuple[int, int] = DEFAULT
           scope: str = "global", skip: Sequence[str] = ()) -> nn.Module:
     """Block-magnitude pruning of every ``nn.Linear`` (``BlockedLinear`` included) in ``model``
     except those named in ``skip`` (and their children): the ``sparsity`` fraction of (rows, cols)
-    weight blocks is masked, ranked across all layers (``scope="global"``, so that layers that
-    matter less lose more) or within each layer (``"layer"``). Masks use torch.nn.utils.prune's
+    weight blocks is masked, ranked across all layers by magnitude (``scope="global"``, so that
+    layers that matter less lose more; a layer with smaller weights overall can lose all of them,
+    which warns), across all layers by layer-adaptive (LAMP) scores that compare layers of any
+    weight scale (``"lamp"``), or within each layer (``"layer"``). Masks use torch.nn.utils.prune's
     ``weight_orig`` / ``weight_mask`` reparametrization, so training continues as before; see
     performer.nn.pruning. Returns the model."""
     sparsity = pruning.check_sparsity(sparsity)
@@ -54,6 +57,10 @@ def prune(model: nn.Module, sparsity: float, *, block: tuple[int, int] = DEFAULT
     log.info("performer.prune: %d linear layers, block %s, %s scope: %.1f%% of blocks removed (per layer %s)",
              len(layers), block, scope, 100 * sparsity,
              ", ".join(f"{name or '<model>'} {100 * r:.0f}%" for (name, _), r in zip(layers, removed)))
+    emptied = [name or "<model>" for (name, _), r in zip(layers, removed) if r == 1.0]
+    if emptied and sparsity > 0:
+        warnings.warn(f"performer.prune removed every block of {', '.join(emptied)} (its weights are smaller than "
+                      f"the other layers'); scope='lamp' ranks layers of different weight scales", stacklevel=2)
     return model
 
 

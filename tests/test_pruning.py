@@ -1,4 +1,4 @@
-"""Block-magnitude pruning: BlockedLinear.prune and performer.prune (layer and global scope),
+"""Block-magnitude pruning: BlockedLinear.prune and performer.prune (layer, global and LAMP scope),
 masks on torch.nn.utils.prune's reparametrization, optimizers, deepcopy, save/load, bad input."""
 import copy
 import io
@@ -9,7 +9,7 @@ from torch import nn
 
 import performer
 from performer.nn import BlockedLinear
-from performer.nn.pruning import block_scores
+from performer.nn.pruning import block_scores, lamp_scores
 
 
 def layer(n_in=70, n_out=50, seed=0, **kw):
@@ -83,6 +83,37 @@ def test_global_scope_ranks_blocks_across_layers():
     assert model[2].weight_mask.mean().item() == 0.5
 
 
+def test_lamp_scores():
+    """s_u^2 / (sum of s_v^2 over the blocks scoring at least s_u); each layer's best block scores 1."""
+    scores = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
+    expected = torch.tensor([[9 / 9, 1 / 14], [0.0, 4 / 13]], dtype=torch.float64)
+    torch.testing.assert_close(lamp_scores(scores), expected)
+    assert lamp_scores(torch.zeros(2, 3)).eq(0).all()
+    torch.testing.assert_close(lamp_scores(100 * scores), expected)   # scale-free
+
+
+def test_lamp_scope_compares_layers_of_any_scale():
+    """Global ranking empties a layer whose weights are small; LAMP's layer-adaptive scores keep
+    every layer's strongest blocks and still remove the sparsity across the model, and pruned blocks
+    stay pruned as the sparsity rises."""
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with torch.no_grad():
+            m[0].weight.mul_(0.01)
+        return m
+    with pytest.warns(UserWarning, match="performer.prune removed every block of 0 .* scope='lamp'"):
+        plain = performer.prune(model(), 0.5, block=(16, 16), scope="global")
+    assert plain[0].weight_mask.sum() == 0
+    lamp = performer.prune(model(), 0.5, block=(16, 16), scope="lamp")
+    kept = [m.weight_mask.mean().item() for m in (lamp[0], lamp[2])]
+    assert all(0.25 <= k <= 0.75 for k in kept) and abs(sum(kept) / 2 - 0.5) < 0.02
+    before = [m.weight_mask.clone() for m in (lamp[0], lamp[2])]
+    performer.prune(lamp, 0.9, block=(16, 16), scope="lamp")
+    for m, mask in zip((lamp[0], lamp[2]), before):
+        assert (m.weight_mask[mask == 0] == 0).all() and m.weight_mask.sum() > 0
+
+
 def test_pruned_layer_deepcopies_saves_and_loads():
     lin = layer()
     lin.prune(0.5, block=(16, 8))
@@ -107,7 +138,7 @@ def test_pruned_layer_deepcopies_saves_and_loads():
     (dict(sparsity=0.5, block=(3, 8)), ValueError, r"block must be \(rows, cols\) with rows in .* got \(3, 8\)"),
     (dict(sparsity=0.5, block=16), TypeError, "block must be a \\(rows, cols\\) pair of ints"),
     (dict(sparsity=0.5, criterion="l0"), ValueError, "criterion must be one of 'l1', 'l2'"),
-    (dict(sparsity=0.5, scope="model"), ValueError, "scope must be one of 'layer', 'global'"),
+    (dict(sparsity=0.5, scope="model"), ValueError, "scope must be one of 'layer', 'global', 'lamp'"),
 ])
 def test_prune_validates(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -9,7 +9,12 @@ A block's score is the mean absolute value (criterion "l1") or the root mean squ
 weights in the current masked weight, so already-pruned blocks score 0 and stay pruned when the
 sparsity is raised step by step; edge blocks of shapes that the block does not divide are scored
 by their own element count. ``sparsity`` is the fraction of blocks removed, rounded to whole
-blocks; with scope "global" the blocks of all layers are ranked together.
+blocks. Scopes: "layer" removes that fraction from each layer; "global" ranks the blocks of all
+layers together by their scores, as ``torch.nn.utils.prune.global_unstructured`` does (a layer
+whose weights are smaller overall, e.g. one with a larger fan-in, can lose every block); "lamp"
+ranks them together by layer-adaptive scores (LAMP, Lee et al. 2021: a block's squared score over
+the sum of the squared scores of the blocks of its layer that score at least as high), which
+compares layers of any weight scale and keeps each layer's strongest block.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch.nn.utils import prune as torch_prune
 from .._validate import check_choice
 
 CRITERIA = ("l1", "l2")
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", "lamp")
 
 
 def check_sparsity(sparsity) -> float:
@@ -66,6 +71,18 @@ def block_scores(weight: torch.Tensor, block: tuple[int, int], criterion: str) -
     return mean if criterion == "l1" else mean.sqrt()
 
 
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer's block scores: s_u^2 / sum of s_v^2 over the blocks v with s_v >=
+    s_u (ties in position order); 0 for a zero block."""
+    sq = scores.flatten().double().square()
+    order = torch.argsort(sq, stable=True)
+    ranked = sq[order]
+    tail = ranked.flip(0).cumsum(0).flip(0)
+    lamp = torch.empty_like(sq)
+    lamp[order] = torch.where(tail > 0, ranked / tail.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return lamp.view_as(scores)
+
+
 def _element_mask(keep_blocks: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
     rows, cols = block
     mask = keep_blocks.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
@@ -85,11 +102,13 @@ def _apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
 def prune_linears(layers: list[nn.Linear], sparsity: float, block: tuple[int, int], criterion: str,
                   scope: str) -> list[float]:
     """Mask the lowest-scoring blocks of each layer (scope "layer") or of all layers together
-    ("global"); returns each layer's fraction of blocks removed."""
+    ("global", "lamp"); returns each layer's fraction of blocks removed."""
     check_choice("criterion", criterion, CRITERIA)
     check_choice("scope", scope, SCOPES)
     scores = [block_scores(effective_weight(layer), block, criterion) for layer in layers]
-    if scope == "global":
+    if scope == "lamp":
+        scores = [lamp_scores(s) for s in scores]
+    if scope in ("global", "lamp"):
         flat = torch.cat([s.flatten() for s in scores])
         cut = _cut(flat, sparsity)
         keeps = [c.view_as(s) for c, s in zip(torch.split(cut, [s.numel() for s in scores]), scores)]
