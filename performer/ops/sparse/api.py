@@ -10,6 +10,7 @@ import torch
 from ... import _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, _dtype_name, check_same_device, check_same_dtype, check_tensor
+from . import triton as triton_backend
 from .cpp import block_sparse_linear_cpp, block_sparse_linear_int8_cpp
 from .reference import block_sparse_linear_int8_reference, block_sparse_linear_reference
 
@@ -48,6 +49,20 @@ def _cpp_check(args: SparseLinearArgs) -> Optional[str]:
 _dispatch.register(OP, _dispatch.Backend(
     name="cpp", devices=("cpu",), dtypes=CPP_DTYPES, available=unavailable_reason, check=_cpp_check,
     run=lambda a: block_sparse_linear_cpp(*a.tensors())))
+
+
+def _triton_check(args) -> Optional[str]:
+    """Both formats: values (nnzb, bc, br) float or (nnzb, bc / 4, br, 4) int8."""
+    br, bc = args.values.shape[2], args.values.shape[1] * (4 if args.values.dim() == 4 else 1)
+    if br not in (16, 32, 64) or bc not in (4, 8, 16, 32, 64):
+        return f"needs blocks of 16, 32 or 64 rows and 4 to 64 (a power of 2) columns; got ({br}, {bc})"
+    return None
+
+
+_dispatch.register(OP, _dispatch.Backend(
+    name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES,
+    available=triton_backend.unavailable_reason, check=_triton_check,
+    run=lambda a: triton_backend.block_sparse_linear_triton(*a.tensors())))
 _dispatch.register(OP, _dispatch.Backend(
     name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES,
     run=lambda a: block_sparse_linear_reference(*a.tensors(), dtype=None)))
@@ -103,7 +118,8 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, block_cols: torch
         x: (M, K), float32 or float64 for the "cpp" kernels (any float dtype for "torch").
         values, block_cols, row_ptr: the kept (br, bc) blocks (``pack_blocks``).
         bias: (N,) or None. N: output features.
-        backend: None picks "cpp" on the CPU, "torch" (unpack, then a dense product) elsewhere.
+        backend: None picks "cpp" on the CPU, "triton" on CUDA, "torch" (unpack, then a dense
+            product) elsewhere.
 
     Returns (M, N) in x's dtype; differentiable in x, values and bias.
     """
@@ -150,6 +166,10 @@ _dispatch.register(INT8_OP, _dispatch.Backend(
     name="cpp", devices=("cpu",), dtypes=(torch.float32,), available=unavailable_reason, check=_cpp_check_int8,
     run=lambda a: block_sparse_linear_int8_cpp(*a.tensors())))
 _dispatch.register(INT8_OP, _dispatch.Backend(
+    name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES,
+    available=triton_backend.unavailable_reason, check=_triton_check,
+    run=lambda a: triton_backend.block_sparse_linear_int8_triton(*a.tensors())))
+_dispatch.register(INT8_OP, _dispatch.Backend(
     name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES,
     run=lambda a: block_sparse_linear_int8_reference(*a.tensors())))
 
@@ -186,7 +206,7 @@ def block_sparse_linear_int8(x: torch.Tensor, values: torch.Tensor, scales: torc
             time (``quantize_rows``) and the products are integer; None: x stays float
             (weight-only).
         block_cols, row_ptr: the kept blocks' indices. bias: (N,) in x's dtype or None.
-        backend: None picks "cpp" on the CPU, "torch" (the reference) elsewhere.
+        backend: None picks "cpp" on the CPU, "triton" on CUDA, "torch" (the reference) elsewhere.
 
     Returns (M, N) in x's dtype; differentiable in x (through the dequantized weight) and bias.
     """
