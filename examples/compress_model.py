@@ -155,7 +155,7 @@ def main() -> None:
     train(small, teacher, args.steps + 3 * args.finetune_steps, 3e-3, data)
     report(f"small (width {args.small}), dense", small)
 
-    print(f"\n| model | KL to teacher | top-1 agreement | weights (kB) | ms per batch of 256 |\n| --- | ---: | ---: | ---: | ---: |")
+    print("\n| model | KL to teacher | top-1 agreement | weights (kB) | ms per batch of 256 |\n| --- | ---: | ---: | ---: | ---: |")
     for name, kl, agreement, size, ms in rows:
         print(f"| {name} | {kl:.4f} | {agreement:.3f} | {size / 1e3:.1f} | {ms:.2f} |")
     print(f"\n({time.perf_counter() - start:.0f} s, 1 thread)")

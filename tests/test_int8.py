@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import performer
-from performer.nn import BlockedLinear, CompressedLinear, Int8Linear
+from performer.nn import BlockedLinear, Int8Linear
 from performer.ops.sparse import block_sparse_linear_int8, pack_int8, unpack_int8
 from performer.ops.sparse.api import INT8_MAX_K
 from performer.ops.sparse.reference import block_sparse_linear_int8_reference, quantize_rows, quantize_weight
@@ -390,7 +390,7 @@ def test_bad_quantize_arguments_raise():
     q = pruned_layer().quantize()
     with pytest.raises(ValueError, match=r"input must have shape \(\*, in_features=70\)"):
         q(torch.zeros(3, 69))
-    with pytest.raises(TypeError, match="input must have dtype float32"):
+    with pytest.raises(TypeError, match="input must have the int8 layer.s dtype float32; got float64"):
         q(torch.zeros(3, 70, dtype=torch.float64))
     assert math.isfinite(q.density)
 

@@ -113,7 +113,7 @@ static inline vreg vbroadcast4(const float* p) { return vload(p); }
 // ---- Tiles -----------------------------------------------------------------------------------------
 
 // Rows [i0, i0 + MR) x outputs [c0, c0 + CV kIOuts) of one panel: exact integer sums over the kept
-// blocks into sums[i][c]. xq: the quantized rows, ldx bytes apart, zero-padded to whole blocks.
+// blocks into sums[i][c]. xq: the quantized rows, ldx elements apart, zero-padded to whole blocks.
 template <int MR, int CV>
 static void w8a8_tile(const Int8LinearParams& p, const xelem* xq, int64_t ldx, int64_t i0, int64_t panel,
                       int64_t c0, int32_t (*sums)[CV * kIOuts]) {

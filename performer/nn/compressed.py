@@ -34,6 +34,16 @@ def check_format_version(state_dict, prefix: str) -> None:
                          f"format); got {int(version)}")
 
 
+def check_input(input, in_features: int, dtype: torch.dtype, why: str) -> torch.Tensor:
+    """A compressed layer's input: (*, in_features) in ``dtype``."""
+    x = check_tensor("input", input, min_dim=1)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input must have shape (*, in_features={in_features}); got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"input must have {why} {_dtype_name(dtype)}; got {_dtype_name(x.dtype)}")
+    return x
+
+
 class CompressedLinear(nn.Module):
     """y = x W^T + b with W (out_features, in_features) stored as its kept (rows, cols) blocks.
 
@@ -142,12 +152,7 @@ class CompressedLinear(nn.Module):
         y = self._direct(input)
         if y is not None:
             return y
-        x = check_tensor("input", input, min_dim=1)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (*, in_features={self.in_features}); got shape {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"input must have the layer's dtype {_dtype_name(self.values.dtype)}; "
-                            f"got {_dtype_name(x.dtype)}")
+        x = check_input(input, self.in_features, self.values.dtype, "the layer's dtype")
         y = block_sparse_linear(x.reshape(-1, self.in_features), self.values, self.block_cols, self.row_ptr,
                                 self.bias, self.out_features, backend=self.backend)
         return y.view(*x.shape[:-1], self.out_features)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .. import _C_loader
-from .._validate import _dtype_name, check_choice, check_tensor
+from .._validate import _dtype_name, check_choice
 from ..ops.sparse import block_sparse_linear_int8, pack_int8, unpack_int8
 from . import pruning
-from .compressed import DEFAULT_BLOCK, FORMAT_VERSION, SUPPORTED_BLOCKS, check_format_version
+from .compressed import DEFAULT_BLOCK, FORMAT_VERSION, SUPPORTED_BLOCKS, check_format_version, check_input
 
 ACTIVATIONS = ("dynamic", None)
 
@@ -151,11 +151,7 @@ class Int8Linear(nn.Module):
         y = self._direct(input)
         if y is not None:
             return y
-        x = check_tensor("input", input, min_dim=1)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (*, in_features={self.in_features}); got shape {tuple(x.shape)}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"input must have dtype float32 (the int8 layer's output dtype); got {_dtype_name(x.dtype)}")
+        x = check_input(input, self.in_features, torch.float32, "the int8 layer's dtype")
         y = block_sparse_linear_int8(x.reshape(-1, self.in_features), self.values, self.scales,
                                      self.col_sums if self.activations == "dynamic" else None, self.block_cols,
                                      self.row_ptr, self.bias, self.out_features, backend=self.backend)

@@ -19,14 +19,8 @@ INT8_OP = "block_sparse_linear_int8"
 CPP_DTYPES = (torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
-class SparseLinearArgs:
-    x: torch.Tensor           # (M, K)
-    values: torch.Tensor      # (nnzb, bc, br)
-    block_cols: torch.Tensor  # (nnzb,) int32
-    row_ptr: torch.Tensor     # (P + 1,) int32
-    bias: Optional[torch.Tensor]
-    N: int
+class _OnX:
+    """The device and dtype the dispatcher checks: x's."""
 
     @property
     def device(self) -> torch.device:
@@ -36,11 +30,22 @@ class SparseLinearArgs:
     def dtype(self) -> torch.dtype:
         return self.x.dtype
 
+
+@dataclass(frozen=True)
+class SparseLinearArgs(_OnX):
+    x: torch.Tensor           # (M, K)
+    values: torch.Tensor      # (nnzb, bc, br)
+    block_cols: torch.Tensor  # (nnzb,) int32
+    row_ptr: torch.Tensor     # (P + 1,) int32
+    bias: Optional[torch.Tensor]
+    N: int
+
     def tensors(self):
         return self.x, self.values, self.block_cols, self.row_ptr, self.bias, self.N
 
 
-def _cpp_check(args: SparseLinearArgs) -> Optional[str]:
+def _cpp_check(args) -> Optional[str]:
+    """Both formats: values (nnzb, bc, br) float or (nnzb, bc / 4, br, 4) int8."""
     if args.values.shape[2] % 16:
         return f"needs blocks of a multiple of 16 rows; got {args.values.shape[2]}"
     return None
@@ -130,7 +135,7 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, block_cols: torch
 # ---- int8 ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Int8LinearArgs:
+class Int8LinearArgs(_OnX):
     x: torch.Tensor            # (M, K) float
     values: torch.Tensor       # (nnzb, bc / 4, br, 4) int8
     scales: torch.Tensor       # (N,) float32
@@ -140,14 +145,6 @@ class Int8LinearArgs:
     bias: Optional[torch.Tensor]
     N: int
 
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
     def tensors(self):
         return self.x, self.values, self.scales, self.col_sums, self.block_cols, self.row_ptr, self.bias, self.N
 
@@ -156,14 +153,8 @@ class Int8LinearArgs:
 INT8_MAX_K = (2 ** 31 - 1) // (255 * 127)
 
 
-def _cpp_check_int8(args: Int8LinearArgs) -> Optional[str]:
-    if args.values.shape[2] % 16:
-        return f"needs blocks of a multiple of 16 rows; got {args.values.shape[2]}"
-    return None
-
-
 _dispatch.register(INT8_OP, _dispatch.Backend(
-    name="cpp", devices=("cpu",), dtypes=(torch.float32,), available=unavailable_reason, check=_cpp_check_int8,
+    name="cpp", devices=("cpu",), dtypes=(torch.float32,), available=unavailable_reason, check=_cpp_check,
     run=lambda a: block_sparse_linear_int8_cpp(*a.tensors())))
 _dispatch.register(INT8_OP, _dispatch.Backend(
     name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES,
