@@ -44,6 +44,32 @@ def check_input(input, in_features: int, dtype: torch.dtype, why: str) -> torch.
     return x
 
 
+def direct_call(layer: nn.Module, x, dtype: torch.dtype, params: tuple, kernel: str, *args):
+    """Inference in eager mode on plain CPU tensors in ``dtype``: ``performer._C.<kernel>(x2d, *args)``
+    (the kernel the op runs, whose checks are the op's), without the dispatcher's and the autograd
+    wrapper's tens of microseconds. None where the layer's full path must run: compiling, a dispatch
+    mode, a gradient to record (x or one of ``params``), other inputs, another backend, or whatever
+    the extension refused (the full path then names what is wrong)."""
+    if torch.compiler.is_compiling() or _C is None or type(x) is not _TENSOR or not x.is_cpu or x.dim() < 1:
+        return None
+    K = layer.in_features
+    if x.shape[-1] != K or x.dtype != dtype or layer.backend not in (None, "cpp"):
+        return None
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            return None
+        for p in params:
+            if p is not None and p.requires_grad:
+                return None
+    if torch._C._len_torch_dispatch_stack():
+        return None
+    try:
+        y = getattr(_C, kernel)(x if x.dim() == 2 else x.reshape(-1, K), *args)
+    except Exception:  # noqa: BLE001: the full path reports it
+        return None
+    return y if x.dim() == 2 else y.view(x.shape[:-1] + (layer.out_features,))
+
+
 class CompressedLinear(nn.Module):
     """y = x W^T + b with W (out_features, in_features) stored as its kept (rows, cols) blocks.
 
@@ -123,30 +149,12 @@ class CompressedLinear(nn.Module):
         return new
 
     def _direct(self, x: torch.Tensor):
-        """Inference in eager mode on plain CPU tensors: straight to performer._C.block_sparse_linear
-        (the kernel the op runs, whose checks are the op's), without the dispatcher's and the
-        autograd wrapper's tens of microseconds. None where the full path must run: compiling, a
-        dispatch mode, a gradient to record, other inputs, or whatever the extension refused (the
-        full path then names what is wrong)."""
-        if torch.compiler.is_compiling() or _C is None or type(x) is not _TENSOR or not x.is_cpu or x.dim() < 1:
-            return None
+        """Eager inference straight to performer._C.block_sparse_linear (see direct_call)."""
         # Parameters and buffers read once from their dicts: each nn.Module attribute lookup costs
         # about a microsecond.
-        values, bias = self._parameters["values"], self._parameters["bias"]
-        K = self.in_features
-        if x.shape[-1] != K or x.dtype != values.dtype or self.backend not in (None, "cpp"):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return None
-        if torch._C._len_torch_dispatch_stack():
-            return None
-        try:
-            y = _C.block_sparse_linear(x if x.dim() == 2 else x.reshape(-1, K), values, self._buffers["block_cols"],
-                                       self._buffers["row_ptr"], bias, self.out_features)
-        except Exception:  # noqa: BLE001: the full path below reports it
-            return None
-        return y if x.dim() == 2 else y.view(x.shape[:-1] + (self.out_features,))
+        values, bias, buffers = self._parameters["values"], self._parameters["bias"], self._buffers
+        return direct_call(self, x, values.dtype, (values, bias), "block_sparse_linear", values,
+                           buffers["block_cols"], buffers["row_ptr"], bias, self.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = self._direct(input)

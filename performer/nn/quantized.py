@@ -23,16 +23,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import _C_loader
 from .._validate import _dtype_name, check_choice
 from ..ops.sparse import block_sparse_linear_int8, pack_int8, unpack_int8
 from . import pruning
-from .compressed import DEFAULT_BLOCK, FORMAT_VERSION, SUPPORTED_BLOCKS, check_format_version, check_input
+from .compressed import DEFAULT_BLOCK, FORMAT_VERSION, SUPPORTED_BLOCKS, check_format_version, check_input, direct_call
 
 ACTIVATIONS = ("dynamic", None)
 
-_C = getattr(_C_loader, "_C", None)
-_TENSOR = torch.Tensor
 
 
 def check_int8_source(name: str, dtype: torch.dtype) -> None:
@@ -127,25 +124,12 @@ class Int8Linear(nn.Module):
         return linear
 
     def _direct(self, x: torch.Tensor):
-        """Eager inference on plain float32 CPU tensors: straight to the extension (see
-        CompressedLinear._direct); None where the full path must run."""
-        if torch.compiler.is_compiling() or _C is None or type(x) is not _TENSOR or not x.is_cpu or x.dim() < 1:
-            return None
-        K, bias = self.in_features, self._parameters["bias"]
-        if x.shape[-1] != K or x.dtype != torch.float32 or self.backend not in (None, "cpp"):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return None
-        if torch._C._len_torch_dispatch_stack():
-            return None
-        b = self._buffers
-        try:
-            y = _C.block_sparse_linear_int8(x if x.dim() == 2 else x.reshape(-1, K), b["values"], b["scales"],
-                                            b["col_sums"] if self.activations == "dynamic" else None,
-                                            b["block_cols"], b["row_ptr"], bias, self.out_features)
-        except Exception:  # noqa: BLE001: the full path below reports it
-            return None
-        return y if x.dim() == 2 else y.view(x.shape[:-1] + (self.out_features,))
+        """Eager inference straight to performer._C.block_sparse_linear_int8 (see
+        performer.nn.compressed.direct_call)."""
+        bias, b = self._parameters["bias"], self._buffers
+        return direct_call(self, x, torch.float32, (bias,), "block_sparse_linear_int8", b["values"], b["scales"],
+                           b["col_sums"] if self.activations == "dynamic" else None, b["block_cols"], b["row_ptr"],
+                           bias, self.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         y = self._direct(input)
