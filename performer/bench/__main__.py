@@ -2,7 +2,7 @@
 attention, torch.matmul and torch's dense and quantized layers, measured in one run, with tables,
 JSON and PNG plots.
 
-    python -m performer.bench --quick            # every suite at short sizes (the demo, under 2 minutes)
+    python -m performer.bench --quick            # every suite at short sizes (the demo, about 2 minutes)
     python -m performer.bench                    # every suite at full sizes
     python -m performer.bench attention --lengths 1024 4096 --threads 2
     python -m performer.bench matmul --dtype bfloat16 --compare bench/results/bench-cpu-....json
