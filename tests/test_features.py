@@ -140,3 +140,34 @@ def test_simplex_validates_like_orthogonal():
         performer.simplex_features(0, 4)
     with pytest.raises(ValueError, match="scaling must be one of 'chi', 'sqrt_d'"):
         performer.simplex_features(4, 4, scaling="unit")
+
+
+# ---- antithetic pairs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", [performer.orthogonal_features, performer.simplex_features])
+def test_antithetic_rows_come_in_negated_pairs(sampler):
+    w = sampler(10, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, antithetic=True)
+    assert w.shape == (10, 4)
+    torch.testing.assert_close(w[5:], -w[:5], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="num_features must be even with antithetic=True"):
+        sampler(9, 4, antithetic=True)
+    with pytest.raises(TypeError, match="antithetic must be a bool; got int"):
+        sampler(8, 4, antithetic=1)
+
+
+def test_antithetic_estimate_unbiased_and_lower_variance():
+    """The pair exp(w.x) + exp(-w.x) is still unbiased for exp(x.y) and has a lower variance than
+    as many independent orthogonal rows."""
+    d, draws = 8, 3000
+    g = torch.Generator().manual_seed(6)
+    x, y = (0.6 * torch.randn(d, generator=g, dtype=torch.float64) for _ in range(2))
+    exact = math.exp(x.dot(y).item())
+    plain = performer.orthogonal_features(d * draws, d, generator=torch.Generator().manual_seed(7),
+                                          dtype=torch.float64).reshape(draws, d, d)
+    anti = torch.stack([performer.orthogonal_features(d, d, generator=torch.Generator().manual_seed(8 + i),
+                                                      dtype=torch.float64, antithetic=True) for i in range(draws)])
+    est = {name: _softmax_kernel_estimates(w, x, y) for name, w in (("plain", plain), ("antithetic", anti))}
+    z = (est["antithetic"].mean() - exact) / (est["antithetic"].std() / math.sqrt(draws))
+    assert abs(z) < 4, f"biased: {z:.1f} standard errors"
+    mse = {name: ((e - exact) ** 2).mean().item() for name, e in est.items()}
+    assert mse["antithetic"] < 0.95 * mse["plain"], mse  # 0.90 with these seeds
