@@ -18,22 +18,28 @@ struct FavorSizes {
   int64_t B, H, Hk, L, S, E, Ev, m;
 };
 
-// What the kernels read besides q, k, v: the features in the accumulation dtype (float64 for
-// float64 inputs, float32 otherwise) and the padding mask, both contiguous (mask undefined if none).
+// What the kernels read besides q, k, v: the features as (Bf, Hf, m, E) and their bias (Bf, Hf, m)
+// (undefined if none) in the accumulation dtype (float64 for float64 inputs, float32 otherwise), and
+// the padding mask (undefined if none), all contiguous. Bf is 1 or B, Hf is 1 or Hk.
 struct FavorInputs {
   FavorSizes n;
   at::Tensor features;
+  at::Tensor bias;
   at::Tensor mask;
+  int64_t Bf = 1, Hf = 1;
 };
 
 inline at::ScalarType favor_acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), features (m, E), key_padding_mask (B, S) bool.
+// q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), features (m, E) or per batch and key head
+// (Bf, Hf, m, E) with Bf in {1, B} and Hf in {1, Hk}, feature_bias of the features' shape without E,
+// key_padding_mask (B, S) bool.
 inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& features, const std::optional<at::Tensor>& mask,
-                                      double scale, bool causal, std::string_view kernel) {
+                                      const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
+                                      const std::optional<at::Tensor>& mask, double scale, bool causal,
+                                      std::string_view kernel) {
   check_dim(q, "q", 4, "(B, H, L, E)");
   check_dim(k, "k", 4, "(B, Hk, S, E)");
   check_dim(v, "v", 4, "(B, Hk, S, Ev)");
@@ -42,7 +48,7 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
   const auto dtype = q.scalar_type();
   PERFORMER_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
                        "q", "have dtype float32, float64, bfloat16 or float16", "; got ", dtype);
-  FavorSizes n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), features.dim() == 2 ? features.size(0) : 0};
+  FavorSizes n{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), (features.dim() == 2 || features.dim() == 4) ? features.size(-2) : 0};
   check_size(k, "k", 0, n.B, "(B, Hk, S, E)");
   check_size(k, "k", 3, n.E, "(B, Hk, S, E)");
   PERFORMER_CHECK_VALUE(n.Hk > 0 && n.H % n.Hk == 0, "k", "have a head count Hk dividing q's H=", n.H, "; got ",
@@ -52,8 +58,12 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
   check_size(v, "v", 2, n.S, "(B, Hk, S, Ev)");
   PERFORMER_CHECK_VALUE(!causal || n.L == n.S, "k", "have S == L for causal attention", "; got ", "L=", n.L,
                         ", S=", n.S);
-  check_dim(features, "features", 2, "(m, E)");
-  check_size(features, "features", 1, n.E, "(m, E)");
+  PERFORMER_CHECK_VALUE(features.dim() == 2 || features.dim() == 4, "features", "have shape (m, E) or (Bf, Hf, m, E)",
+                        "; got ", "shape ", features.sizes());
+  const int64_t Bf = features.dim() == 4 ? features.size(0) : 1, Hf = features.dim() == 4 ? features.size(1) : 1;
+  PERFORMER_CHECK_VALUE(features.size(-1) == n.E && (Bf == 1 || Bf == n.B) && (Hf == 1 || Hf == n.Hk), "features",
+                        "have shape (m, E) or (Bf, Hf, m, E) with E=", n.E, ", Bf 1 or B=", n.B, ", Hf 1 or Hk=", n.Hk,
+                        "; got ", "shape ", features.sizes());
   PERFORMER_CHECK_VALUE(n.m > 0, "features", "have at least one row", "; got ", "shape ", features.sizes());
   PERFORMER_CHECK_TYPE(features.is_floating_point(), "features", "be floating point", "; got ",
                        features.scalar_type());
@@ -61,7 +71,17 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
   PERFORMER_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale", "be positive and finite", "; got ", scale);
   PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel", "be 'softmax' or 'relu'", "; got ", "'",
                         kernel, "'");
-  FavorInputs in{n, features.to(favor_acc_dtype(q)).contiguous(), at::Tensor()};
+  FavorInputs in{n, features.to(favor_acc_dtype(q)).contiguous().view({Bf, Hf, n.m, n.E}), at::Tensor(), at::Tensor(),
+                 Bf, Hf};
+  if (feature_bias.has_value()) {
+    const at::Tensor& fb = *feature_bias;
+    PERFORMER_CHECK_VALUE(fb.sizes() == features.sizes().slice(0, features.dim() - 1), "feature_bias",
+                          "have the features' shape without E: ", features.sizes().slice(0, features.dim() - 1),
+                          "; got ", "shape ", fb.sizes());
+    PERFORMER_CHECK_TYPE(fb.is_floating_point(), "feature_bias", "be floating point", "; got ", fb.scalar_type());
+    PERFORMER_CHECK_VALUE(fb.device() == q.device(), "feature_bias", "be on q's device", "; got ", fb.device());
+    in.bias = fb.to(favor_acc_dtype(q)).contiguous().view({Bf, Hf, n.m});
+  }
   if (mask.has_value()) {
     const at::Tensor& mk = *mask;
     PERFORMER_CHECK_TYPE(mk.scalar_type() == at::kBool, "key_padding_mask", "have dtype bool", "; got ",
@@ -72,6 +92,16 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
     in.mask = mk.contiguous();
   }
   return in;
+}
+
+// For the kernels that take one (m, E) matrix of features and no bias: the decoding step, and the
+// CUDA kernels for now.
+inline void check_shared_features(const FavorInputs& in, const char* op) {
+  PERFORMER_CHECK_VALUE(in.Bf == 1 && in.Hf == 1 && !in.bias.defined(), "features",
+                        "be one (m, E) matrix without feature_bias in ", op,
+                        " (per-head features and feature_bias run on the CPU kernels and the plain-PyTorch backend)",
+                        "; got ", "features of shape ", in.features.sizes(),
+                        in.bias.defined() ? " with feature_bias" : "");
 }
 
 // The backward's extra inputs: grad_out and out (B, H, L, Ev) like q, and the forward's saved

@@ -16,11 +16,16 @@ TORCH_LIBRARY(performer, m) {
   // float64 inputs, else float32), what the backward needs: state (B, Hk, m, Ev + 1) = the final
   // [phi_k^T V, phi_k^T 1]; den (B, H, L) = the normalizer of each query; query_shift (B, H, L) and
   // key_shift (B, Hk, S) = the stabilizing shifts applied to each query's and key's features.
-  m.def("favor_forward(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, "
-        "float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, "
+  // features: (m, E), or (Bf, Hf, m, E) per batch (Bf = B) and key head (Hf = Hk), either of them 1
+  // to share; feature_bias (features' shape without E) is added to every projection. The backward
+  // returns dq, dk, dv and, with features_grad, the gradients with respect to features and
+  // feature_bias (else two empty tensors).
+  m.def("favor_forward(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? feature_bias, "
+        "Tensor? key_padding_mask, float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("favor_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor features, Tensor? feature_bias, "
         "Tensor? key_padding_mask, Tensor out, Tensor state, Tensor den, Tensor query_shift, "
-        "Tensor key_shift, float scale, bool causal, str kernel) -> (Tensor, Tensor, Tensor)");
+        "Tensor key_shift, float scale, bool causal, str kernel, bool features_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One causal decoding step: T >= 0 new positions q (B, H, T, E), k (B, Hk, T, E), v (B, Hk, T, Ev)
   // (causal among themselves; key_padding_mask (B, T)) continuing the recurrent state kv (B, Hk, m, Ev),
   // normalizer (B, Hk, m), key_max (B, Hk) in the accumulation dtype (all three None: an empty state),

@@ -12,13 +12,16 @@
     model = performer.compress(model, sparsity=0.9, quantize="int8")  # ... -> block-sparse Int8Linear
 """
 from . import nn
+from .calibrate import calibrate
 from .compress import compress, prune
 from .convert import convert, disable_fused_encoder_paths
+from .feature_maps import FeatureMap
 from .features import orthogonal_features, simplex_features
 from .nn import DecodingCache, FastAttention, PerformerAttention
 from .ops.favor import FavorState, favor_attention, favor_attention_step
 from .ops.matmul import blocked_matmul
 
-__all__ = ["DecodingCache", "FastAttention", "FavorState", "PerformerAttention", "blocked_matmul", "compress", "convert",
+__all__ = ["DecodingCache", "FastAttention", "FavorState", "FeatureMap", "PerformerAttention", "blocked_matmul", "calibrate",
+           "compress", "convert",
            "disable_fused_encoder_paths", "favor_attention", "favor_attention_step", "nn", "orthogonal_features", "prune", "simplex_features"]
 __version__ = "0.1.0"

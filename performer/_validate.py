@@ -62,8 +62,9 @@ class FavorArgs:
     """Validated FAVOR+ arguments in the canonical layout.
 
     q: (B, H, L, E), k: (B, Hk, S, E), v: (B, Hk, S, Ev) with H a multiple of Hk
-    (query head h reads key/value head h // (H // Hk)); features: (m, E);
-    key_padding_mask: None or bool (B, S), True = ignore that key.
+    (query head h reads key/value head h // (H // Hk)); features: (m, E), or (Bf, Hf, m, E) with
+    Bf in {1, B} and Hf in {1, Hk} (per batch element and key head); feature_bias: None or the
+    features' shape without E; key_padding_mask: None or bool (B, S), True = ignore that key.
     """
 
     q: torch.Tensor
@@ -78,6 +79,13 @@ class FavorArgs:
     # Causal with L < S: q is preceded by this many zero rows (so that L == S) and the outputs of
     # those rows are dropped (favor_attention does both).
     query_pad: int = 0
+    feature_bias: Optional[torch.Tensor] = None
+
+    @property
+    def plain_features(self) -> bool:
+        """One (m, E) matrix of constant features without a bias: what every backend takes."""
+        return (self.features.dim() == 2 and self.feature_bias is None
+                and not (torch.is_grad_enabled() and self.features.requires_grad))
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +107,31 @@ def _to_canonical(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-2]), t.shape[-2], t.shape[-1])
 
 
+def _canonical_features(f: torch.Tensor, bias, B: int, Hk: int, E: int):
+    """features (m, E), (Hk, m, E) or (B, Hk, m, E) (B and Hk may be 1) and their bias (the features'
+    shape without E) -> (m, E) unchanged, or (Bf, Hf, m, E) and (Bf, Hf, m)."""
+    if f.dim() not in (2, 3, 4) or f.shape[-1] != E or f.shape[-2] < 1:
+        raise ValueError(f"features must have shape (num_features, E) = (m, {E}) with m >= 1, or per key head "
+                         f"(Hk, m, {E}) or per batch and key head (B, Hk, m, {E}); got shape {tuple(f.shape)}")
+    lead = (1,) * (4 - f.dim()) + tuple(f.shape[:-2]) if f.dim() > 2 else (1, 1)
+    if lead[0] not in (1, B) or lead[1] not in (1, Hk):
+        raise ValueError(f"features of shape {tuple(f.shape)} must have their key-head dimension 1 or Hk={Hk} and "
+                         f"their batch dimension 1 or B={B} (of the canonical (B, Hk, S, E) key)")
+    if bias is not None:
+        bias = check_tensor("feature_bias", bias)
+        check_same_device("feature_bias", bias, "features", f)
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"feature_bias must be a floating-point tensor; got {_dtype_name(bias.dtype)}")
+        if tuple(bias.shape) != tuple(f.shape[:-1]):
+            raise ValueError(f"feature_bias must have the features' shape without E, {tuple(f.shape[:-1])}; "
+                             f"got shape {tuple(bias.shape)}")
+    if f.dim() == 2:
+        return f, bias
+    return f.reshape(*lead, *f.shape[-2:]), (bias.reshape(*lead, f.shape[-2]) if bias is not None else None)
+
+
 def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
-                   key_padding_mask, kernel) -> FavorArgs:
+                   key_padding_mask, kernel, feature_bias=None) -> FavorArgs:
     q = check_tensor("query", query, min_dim=2)
     k = check_tensor("key", key, min_dim=2)
     v = check_tensor("value", value, min_dim=2)
@@ -153,9 +184,6 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         raise ValueError(f"is_causal=True needs at most as many queries as keys (L <= S, the queries being the "
                          f"last L positions); got L={L}, S={S}")
 
-    if f.dim() != 2 or f.shape[1] != E or f.shape[0] < 1:
-        raise ValueError(f"features must have shape (num_features, E) = (m, {E}) with m >= 1; "
-                         f"got shape {tuple(f.shape)}")
 
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
@@ -166,6 +194,7 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
                          f"got {scale}")
 
     q4, k4, v4 = _to_canonical("query", q), _to_canonical("key", k), _to_canonical("value", v)
+    f, bias = _canonical_features(f, feature_bias, k4.shape[0], k4.shape[1], E)
     mask = None
     if key_padding_mask is not None:
         mask = check_tensor("key_padding_mask", key_padding_mask)
@@ -188,7 +217,7 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         else:
             query_pad = S - L
             q4 = torch.cat([q4.new_zeros(*q4.shape[:2], query_pad, E), q4], dim=-2)
-    return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape, query_pad)
+    return FavorArgs(q4, k4, v4, f, mask, float(scale), is_causal, kernel, out_shape, query_pad, bias)
 
 
 @dataclass(frozen=True)
@@ -367,6 +396,9 @@ def validate_favor_step(query, key, value, state, features, scale, kernel, key_p
         raise ValueError(f"key must hold one new position per query position (dim -2): query has {q.shape[-2]}, "
                          f"key has {k.shape[-2]}")
     args = validate_favor(query, key, value, None, 0.0, True, scale, features, key_padding_mask, kernel)
+    if args.features.dim() != 2:
+        raise ValueError(f"features must have shape (num_features, E) = (m, {q.shape[-1]}) for the decoding step "
+                         f"(one matrix for every head); got shape {tuple(features.shape)}")
     out_shape = args.out_shape if q.dim() != 4 else None
     if state is None:
         return FavorStepArgs(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.kernel,

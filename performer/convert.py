@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._validate import validate_feature_options
+from .feature_maps import FeatureMap
 from .nn.attention import PerformerAttention
 
 log = logging.getLogger("performer")
@@ -26,7 +27,7 @@ _INTEGRATIONS = {
 
 def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax",
             generator: Optional[torch.Generator] = None, feature_redraw_interval: Optional[int] = None,
-            inplace: bool = True, strict: bool = False) -> nn.Module:
+            inplace: bool = True, strict: bool = False, feature_map: Optional[FeatureMap] = None) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (those inside nn.Transformer and its
     encoder/decoder layers included) by a ``PerformerAttention`` with the same configuration that
     shares its parameters (``PerformerAttention.from_multihead_attention``); returns the model.
@@ -38,6 +39,8 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
             None: each module seeds its own generator from the global RNG.
         inplace: False converts a deep copy and leaves ``model`` untouched.
         strict: raise a ValueError when nothing was replaced, instead of warning.
+        feature_map: a ``performer.FeatureMap`` (FAVOR++, rescaling, key centering); each new module
+            gets its own copy (their statistics differ). ``performer.calibrate`` adds one itself.
 
     Logs (logger "performer", level INFO) how many modules it replaced. When it replaced none, it
     warns (UserWarning), naming the attention classes it found in the model and which integration
@@ -49,8 +52,12 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     other than key padding and the causal mask (see PerformerAttention).
     """
     model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict)
-    model, converted = replace_modules(model, lambda m: isinstance(m, nn.MultiheadAttention),
-                                       lambda m: PerformerAttention.from_multihead_attention(m, **options))
+    if feature_map is not None and not isinstance(feature_map, FeatureMap):
+        raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
+    model, converted = replace_modules(
+        model, lambda m: isinstance(m, nn.MultiheadAttention),
+        lambda m: PerformerAttention.from_multihead_attention(
+            m, **options, feature_map=copy.deepcopy(feature_map) if feature_map is not None else None))
     if not converted:
         message = _nothing_replaced(model)
         if strict:

@@ -53,7 +53,7 @@ def _op_args(case, causal, kernel, q=None, k=None, v=None, device="cpu"):
     mask = case.key_padding_mask
     if mask is not None:
         mask = mask.reshape(q4.shape[0], k4.shape[2]).to(device)
-    return q4, k4, v4, case.features.to(device), mask, _scale(case.spec), causal, kernel
+    return q4, k4, v4, case.features.to(device), None, mask, _scale(case.spec), causal, kernel
 
 
 def _favor(case, causal, kernel, q, k, v):
@@ -164,9 +164,9 @@ def test_empty_sizes(sizes, causal):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, L, E), (B, Hk, S, E), (B, Hk, S, Ev)))
     w = torch.randn(12, E, generator=g)
-    cpu = torch.ops.performer.favor_forward(q, k, v, w, None, 0.5, causal, "softmax")
+    cpu = torch.ops.performer.favor_forward(q, k, v, w, None, None, 0.5, causal, "softmax")
     x = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
-    gpu = torch.ops.performer.favor_forward(*x, w.to(DEVICE), None, 0.5, causal, "softmax")
+    gpu = torch.ops.performer.favor_forward(*x, w.to(DEVICE), None, None, 0.5, causal, "softmax")
     for name, a, b in zip(("out", "state", "den", "query_shift", "key_shift"), gpu, cpu):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {tuple(a.shape)} {a.dtype}"
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -217,7 +217,7 @@ def test_gradcheck(spec, causal, masked, kernel):
 
 def _attend(q, k, v, w, *, causal=False, mask=None, scale=None, kernel="softmax"):
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, *_ = torch.ops.performer.favor_forward(q, k, v, w, mask, scale, causal, kernel)
+    out, *_ = torch.ops.performer.favor_forward(q, k, v, w, None, mask, scale, causal, kernel)
     return out
 
 
@@ -318,7 +318,7 @@ def test_strided_inputs_give_the_contiguous_results(kernel, causal, dtype):
 
     def run(q, k, v, grad_out):
         x = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, *stats = torch.ops.performer.favor_forward(*x, w, mask, 0.25, causal, kernel)
+        out, *stats = torch.ops.performer.favor_forward(*x, w, None, mask, 0.25, causal, kernel)
         return (out, *stats, *torch.autograd.grad(out, x, grad_out))
 
     strided = run(q, k, v, grad_out)
@@ -346,7 +346,7 @@ def test_opcheck(spec, masked, causal, dtype):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
     q, k, v = (t.detach() for t in args[:3])
     torch.library.opcheck(torch.ops.performer.favor_backward,
-                          (grad_out, q, k, v, *args[3:5], out, *stats, *args[5:]))
+                          (grad_out, q, k, v, *args[3:6], out, *stats, *args[6:], False))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -146,7 +146,7 @@ def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale
     sc = shape[5] ** -0.5
     if dominant is not None:  # one key along a feature: the largest feature value of all keys
         k[:, :, dominant] = (features[0] / math.sqrt(sc)).to(dtype)
-    cpu = torch.ops.performer.favor_forward(q, k, v, features, mask, sc, causal, kernel)
+    cpu = torch.ops.performer.favor_forward(q, k, v, features, None, mask, sc, causal, kernel)
     emu = simt.forward(q, k, v, features, mask, sc, causal, kernel)
     for name, got, expected in zip(("out", "state", "den", "query_shift", "key_shift"), emu, cpu):
         assert got.dtype == expected.dtype and got.shape == expected.shape, \
@@ -158,7 +158,8 @@ def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale
     else:
         errors["den"], errors["query_shift"] = _error(emu[2], cpu[2]), _error(emu[3], cpu[3])
     grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    cpu_grads = torch.ops.performer.favor_backward(grad, q, k, v, features, mask, cpu[0], *cpu[1:], sc, causal, kernel)
+    cpu_grads = torch.ops.performer.favor_backward(grad, q, k, v, features, None, mask, cpu[0], *cpu[1:], sc, causal,
+                                                   kernel, False)[:3]
     emu_grads = simt.backward(grad, q, k, v, features, mask, emu[0], *emu[1:], sc, causal, kernel)
     for name, got, expected in zip(("dq", "dk", "dv"), emu_grads, cpu_grads):
         assert got.dtype == expected.dtype and got.shape == expected.shape, f"{name}: {got.dtype} {tuple(got.shape)}"

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import performer
+from performer._validate import validate_favor
+from performer.ops.favor.reference import favor_dense
 from conftest import (BACKENDS, DTYPES, ERROR_MULTIPLE, KERNELS, Spec, assert_close, case_params, dtype_id,
                       make_case)
 
@@ -59,14 +61,16 @@ def test_gradcheck(backend, causal, masked, kernel):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_features_get_no_gradient(backend, causal):
-    """features is documented as a constant: no gradient flows to it, whichever backend runs."""
+def test_features_that_require_grad_get_the_reference_gradient(backend, causal):
+    """Features are differentiable (tests/test_feature_maps.py covers per-head features and bias)."""
     case = make_case(TINY, torch.float64, requires_grad=True)
     features = case.features.clone().requires_grad_()
     out = performer.favor_attention(*case.inputs, is_causal=causal, features=features, backend=backend)
     out.sum().backward()
-    assert case.q.grad is not None
-    assert features.grad is None or (features.grad == 0).all(), "a gradient flowed into features"
+    features64 = case.features.clone().requires_grad_()
+    a = validate_favor(*case.inputs, None, 0.0, causal, None, features64, None, "softmax")
+    favor_dense(a.q, a.k, a.v, features64, None, a.scale, causal, "softmax").sum().backward()
+    torch.testing.assert_close(features.grad, features64.grad)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -14,7 +14,7 @@ OPCHECK_CASES = [p for p in case_params() if p.values[0].id in ("gqa_odd", "tran
 
 def _op_args(case, causal, kernel="softmax"):
     scale = case.spec.scale if case.spec.scale is not None else case.spec.E ** -0.5
-    return (case.q, case.k, case.v, case.features, case.key_padding_mask, scale, causal, kernel)
+    return (case.q, case.k, case.v, case.features, None, case.key_padding_mask, scale, causal, kernel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
@@ -29,7 +29,7 @@ def test_opcheck(spec, masked, causal, dtype):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     q, k, v = (t.detach() for t in case.inputs)
     torch.library.opcheck(torch.ops.performer.favor_backward,
-                          (grad_out, q, k, v, *args[3:5], out, *stats, *args[5:]))
+                          (grad_out, q, k, v, *args[3:6], out, *stats, *args[6:], False))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

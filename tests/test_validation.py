@@ -104,7 +104,7 @@ def _op_args():
     g = torch.Generator().manual_seed(2)
     return dict(q=torch.randn(B, H, L, E, generator=g), k=torch.randn(B, HK, L, E, generator=g),
                 v=torch.randn(B, HK, L, EV, generator=g), features=torch.randn(M, E, generator=g),
-                key_padding_mask=torch.zeros(B, L, dtype=torch.bool), scale=0.5, causal=False, kernel="softmax")
+                feature_bias=None, key_padding_mask=torch.zeros(B, L, dtype=torch.bool), scale=0.5, causal=False, kernel="softmax")
 
 
 BAD_OP_ARGUMENTS = [
@@ -161,7 +161,6 @@ def test_backward_op_checks(name, bad, exc, fragment):
     saved[name] = bad(saved[name])
     with pytest.raises(exc, match=re.escape(fragment)):
         torch.ops.performer.favor_backward(
-            saved["grad_out"], args["q"], args["k"], args["v"], args["features"], args["key_padding_mask"],
-            saved["out"], saved["state"], saved["den"], saved["query_shift"], saved["key_shift"], args["scale"],
-            args["causal"],
-            args["kernel"])
+            saved["grad_out"], args["q"], args["k"], args["v"], args["features"], args["feature_bias"],
+            args["key_padding_mask"], saved["out"], saved["state"], saved["den"], saved["query_shift"],
+            saved["key_shift"], args["scale"], args["causal"], args["kernel"], False)

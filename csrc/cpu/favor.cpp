@@ -22,9 +22,9 @@ View view_of(const at::Tensor& t) {
 // Checks the inputs (csrc/favor_checks.h) and fills everything but the result pointers; `in` keeps
 // the features and mask that the kernels read.
 FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                        const std::optional<at::Tensor>& mask, double scale, bool causal, std::string_view kernel,
-                        FavorInputs& in) {
-  in = check_favor_inputs(q, k, v, features, mask, scale, causal, kernel);
+                        const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& mask,
+                        double scale, bool causal, std::string_view kernel, FavorInputs& in) {
+  in = check_favor_inputs(q, k, v, features, feature_bias, mask, scale, causal, kernel);
   FavorParams p{};
   p.dtype = dtype_of(q, "q");
   p.kernel = kernel == "softmax" ? Kernel::softmax : Kernel::relu;
@@ -34,6 +34,9 @@ FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.B = n.B; p.H = n.H; p.Hk = n.Hk; p.L = n.L; p.S = n.S; p.E = n.E; p.Ev = n.Ev; p.m = n.m;
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);
   p.features = in.features.data_ptr();
+  p.feature_bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.Bf = in.Bf;
+  p.Hf = in.Hf;
   p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   p.num_threads = at::get_num_threads();
   return p;
@@ -41,9 +44,10 @@ FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal, c10::string_view kernel) {
+    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    bool causal, c10::string_view kernel) {
   FavorInputs in;
-  FavorParams p = make_params(q, k, v, features, key_padding_mask, scale, causal,
+  FavorParams p = make_params(q, k, v, features, feature_bias, key_padding_mask, scale, causal,
                               std::string_view(kernel.data(), kernel.size()), in);
   const auto acc = q.options().dtype(favor_acc_dtype(q));
   at::Tensor out = at::empty({p.B, p.H, p.L, p.Ev}, q.options());
@@ -60,14 +64,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_for
   return {out, state, den, query_shift, key_shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward(
+// The gradients with respect to features and feature_bias (in their shapes and dtypes) are computed
+// only with features_grad; otherwise both are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& state, const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift,
-    double scale, bool causal,
-    c10::string_view kernel) {
+    const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& state,
+    const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift, double scale, bool causal,
+    c10::string_view kernel, bool features_grad) {
   FavorInputs in;
-  FavorParams p = make_params(q, k, v, features, key_padding_mask, scale, causal,
+  FavorParams p = make_params(q, k, v, features, feature_bias, key_padding_mask, scale, causal,
                               std::string_view(kernel.data(), kernel.size()), in);
   const std::vector<at::Tensor> saved = check_favor_saved(in.n, q, grad_out, out, state, den, query_shift, key_shift);
   at::Tensor dq = at::empty({p.B, p.H, p.L, p.E}, q.options());
@@ -82,8 +88,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  at::Tensor dfeatures = at::empty({0}, features.options()), dbias = at::empty({0}, features.options());
+  at::Tensor dw, db;
+  if (features_grad) {
+    dw = at::zeros_like(in.features);
+    p.dfeatures = dw.data_ptr();
+    if (in.bias.defined()) {
+      db = at::zeros_like(in.bias);
+      p.dfeature_bias = db.data_ptr();
+    }
+  }
   kernels().favor_backward(p);
-  return {dq, dk, dv};
+  if (features_grad) {
+    dfeatures = dw.view(features.sizes()).to(features.scalar_type());
+    if (db.defined()) dbias = db.view(feature_bias->sizes()).to(feature_bias->scalar_type());
+  }
+  return {dq, dk, dv, dfeatures, dbias};
 }
 
 }  // namespace

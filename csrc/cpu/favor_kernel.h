@@ -1,9 +1,9 @@
 // FAVOR+ CPU kernels, compiled once per ISA (included inside namespace performer::cpu::<isa>).
 //
 // Per (batch, key/value head) and over chunks of C rows, with c = sqrt(scale), W the (m, E)
-// features, k' = c k and q' = c q:
-//   keys:     w_s = W k'_s - |k'_s|^2/2 (softmax) or W k'_s (relu);  phi_k(s) = exp(w_s - M)
-//   queries:  phi_q(t) = exp(W q'_t - c_t)  (relu: relu(W q'_t) + eps)
+// features of that batch and head, b their bias (zero if none), k' = c k and q' = c q:
+//   keys:     w_s = W k'_s + b - |k'_s|^2/2 (softmax) or W k'_s + b (relu);  phi_k(s) = exp(w_s - M)
+//   queries:  phi_q(t) = exp(W q'_t + b - c_t)  (relu: relu(W q'_t + b) + eps)
 //   out_t     = phi_q(t)^T S / phi_q(t)^T z  with S = sum_s phi_k(s) v_s^T (m x Ev), z = sum_s phi_k(s).
 // The shifts M and c_t cancel exactly in the ratio and carry no gradient. c_t is chosen so that
 // the query's normalizer stays >= 1 (see query_shift_*) and is saved for the backward pass.
@@ -13,6 +13,8 @@
 // computed per chunk as a masked intra-chunk product plus phi_q times the state of earlier
 // chunks (held relative to the running maximum at the chunk start). The backward pass
 // recomputes features; causal backward is a forward sweep for dq and a reverse sweep for dk, dv.
+// With p.dfeatures, the backward also accumulates dW = sum dphi^T x' and db = sum dphi over the rows
+// of queries and keys (dphi: the gradient with respect to u or w), per thread, added up at the end.
 #pragma once
 
 // Rows per chunk: a multiple of the GEMM tile height near 64, so chunk products use full tiles.
@@ -93,7 +95,11 @@ struct Favor {
   const FavorParams& p;
   const int64_t C, m, E, Ev, g;
   const T c;
-  const T* W;
+  const T* const W0;     // all features (Bf, Hf, m, E), and their bias (Bf, Hf, m) or null
+  const T* const bias0;
+  const T* W = nullptr;  // those of the batch and head in hand (use_features)
+  const T* bias = nullptr;
+  int64_t slot = -1;
   const bool softmax;
   T* const state_out;
   T* const den_out;
@@ -107,10 +113,13 @@ struct Favor {
   T *ms, *ref, *rsum, *dens, *beta, *ones, *qs, *logz;
   GemmScratch<T> gs;
   PackedB<T> w_t, w_n, s_p, chunk_p;  // W^T (E x m), W (m x E), the state, a per-chunk operand
+  Scratch<T> dW_;                     // this thread's share of dfeatures and dfeature_bias, or empty
+  T *dW = nullptr, *db = nullptr;
 
   explicit Favor(const FavorParams& p_)
       : p(p_), C(kChunk), m(p_.m), E(p_.E), Ev(p_.Ev), g(p_.H / p_.Hk),
-        c(T(__builtin_sqrt(p_.scale))), W(static_cast<const T*>(p_.features)), softmax(p_.kernel == Kernel::softmax),
+        c(T(__builtin_sqrt(p_.scale))), W0(static_cast<const T*>(p_.features)),
+        bias0(static_cast<const T*>(p_.feature_bias)), softmax(p_.kernel == Kernel::softmax),
         state_out(static_cast<T*>(p_.state)), den_out(static_cast<T*>(p_.den)),
         qshift_out(static_cast<T*>(p_.query_shift)), shift_out(static_cast<T*>(p_.key_shift)) {
     qc = qc_.get(C * E); kc = kc_.get(C * E); vc = vc_.get(C * Ev);
@@ -122,8 +131,48 @@ struct Favor {
     logz = logz_.get(m);
     ms = rows_.get(7 * C); qs = ms + 6 * C; ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
     for (int64_t i = 0; i < C; ++i) ones[i] = T(1);
+    use_features(0, 0);
+    if (p.dfeatures) {
+      const int64_t slots = p.Bf * p.Hf;
+      dW = dW_.get(slots * m * (E + 1));
+      db = dW + slots * m * E;
+      zero(dW, slots * m * (E + 1));
+    }
+  }
+
+  // Adds this thread's share of the feature gradients to the outputs (inside the parallel region).
+  ~Favor() {
+    if (!dW) return;
+    const int64_t slots = p.Bf * p.Hf;
+    T* out_w = static_cast<T*>(p.dfeatures);
+    T* out_b = static_cast<T*>(p.dfeature_bias);
+#pragma omp critical(performer_favor_feature_grads)
+    {
+      for (int64_t i = 0; i < slots * m * E; ++i) out_w[i] += dW[i];
+      if (out_b)
+        for (int64_t i = 0; i < slots * m; ++i) out_b[i] += db[i];
+    }
+  }
+
+  // The features (and bias) of batch b, key head hk: packed again only when they change.
+  int64_t feature_slot(int64_t b, int64_t hk) const { return (p.Bf > 1 ? b : 0) * p.Hf + (p.Hf > 1 ? hk : 0); }
+  void use_features(int64_t b, int64_t hk) {
+    const int64_t s = feature_slot(b, hk);
+    if (s == slot) return;
+    slot = s;
+    W = W0 + s * m * E;
+    bias = bias0 ? bias0 + s * m : nullptr;
     w_t.pack(E, m, Mat<T>{W, 1, E});
     w_n.pack(m, E, Mat<T>{W, E, 1});
+  }
+
+  // Backward: dW += dphi^T x' and db += sum dphi for n rows of dphi (the gradient with respect to the
+  // projections u or w, in place in dphiq / dphik) and x' (qc / kc) of the features in hand.
+  void add_feature_grads(int64_t n, const T* dphi, const T* x) {
+    if (!dW) return;
+    gemm_(m, E, n, dphi, 1, m, x, E, 1, dW + slot * m * E, E, true);
+    T* dbs = db + slot * m;
+    for (int64_t r = 0; r < n; ++r) axpy(T(1), dphi + r * m, dbs, m);
   }
 
   void gemm_(int64_t M, int64_t N, int64_t K, const T* ap, int64_t ars, int64_t acs, const T* bp, int64_t brs,
@@ -165,9 +214,11 @@ struct Favor {
   // k' and v rows of keys [s0, s0+n); projections into w and per-row maxima into ms
   // (softmax: max_j w_sj; relu: 0; padding: -inf).
   void load_keys(int64_t b, int64_t hk, int64_t s0, int64_t n) {
+    use_features(b, hk);
     load_rows<T>(p.k, p.dtype, b, hk, s0, n, E, c, kc, E);
     load_rows<T>(p.v, p.dtype, b, hk, s0, n, Ev, T(1), vc, Ev);
     gemm_(n, w_t, kc, E, 1, w, m, false);
+    add_bias(w, n);
     const bool* mk = mask_rows(b, s0);
     for (int64_t s = 0; s < n; ++s) {
       T* ws = w + s * m;
@@ -203,10 +254,23 @@ struct Favor {
     }
   }
 
-  // u = W q' for queries [t0, t0+n) of head h.
+  // x rows (n x m) += the feature bias, if any.
+  void add_bias(T* x, int64_t n) const {
+    if (!bias) return;
+    const T* bb = bias;  // a local, not a member, in a vectorized loop
+    for (int64_t r = 0; r < n; ++r) {
+      T* row = x + r * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) row[j] += bb[j];
+    }
+  }
+
+  // u = W q' + bias for queries [t0, t0+n) of head h.
   void project_queries(int64_t b, int64_t h, int64_t t0, int64_t n) {
+    use_features(b, h / g);
     load_rows<T>(p.q, p.dtype, b, h, t0, n, E, c, qc, E);
     gemm_(n, w_t, qc, E, 1, u, m, false);
+    add_bias(u, n);
   }
 
   // phi_q(t) = exp(u_t - qs[t]) (relu: relu(u_t) + eps); with_den: also dens[t] = phi_q(t) . z,
@@ -340,6 +404,7 @@ struct Favor {
   void store_dq(int64_t b, int64_t h, int64_t t0, int64_t n) {
     for (int64_t i = 0; i < n * m; ++i) dphiq[i] *= softmax ? phiq[i] : (u[i] > T(0) ? T(1) : T(0));
     gemm_(n, w_n, dphiq, m, 1, dx, E, false);
+    add_feature_grads(n, dphiq, qc);
     store_rows<T>(p.dq, p.dtype, ((b * p.H + h) * p.L + t0) * E, n, E, c, dx, E);
   }
 
@@ -365,6 +430,7 @@ struct Favor {
       rsum[s] = sum;
     }
     gemm_(n, w_n, dphik, m, 1, dx, E, false);
+    add_feature_grads(n, dphik, kc);
     if (softmax)
       for (int64_t s = 0; s < n; ++s) axpy(-rsum[s], kc + s * E, dx + s * E, E);
     const int64_t row0 = (b * p.Hk + hk) * p.S + s0;

@@ -24,9 +24,18 @@ struct FavorParams {
   double scale;
   int64_t B, H, Hk, L, S, E, Ev, m;
   View q, k, v;               // (B,H,L,E), (B,Hk,S,E), (B,Hk,S,Ev)
-  const void* features;       // (m, E) contiguous, acc
+  // Features (Bf, Hf, m, E) contiguous in acc, Bf in {1, B} and Hf in {1, Hk}: batch b and key head
+  // hk use features + feature_offset(b, hk). feature_bias (Bf, Hf, m) likewise, or null: added to
+  // every projection (u = W q' + bias, w = W k' + bias - |k'|^2/2).
+  const void* features;
+  const void* feature_bias;
+  int64_t Bf, Hf;
   const bool* mask;           // (B, S) contiguous, true = ignore that key; or null
   int num_threads;
+  // Backward only, or null: the gradients with respect to features and feature_bias, their shapes,
+  // contiguous in acc, accumulated into (zero them first).
+  void* dfeatures;
+  void* dfeature_bias;
   // Forward results (contiguous): out (B,H,L,Ev) in dtype; state (B,Hk,m,Ev+1), den and
   // query_shift (B,H,L), key_shift (B,Hk,S) in acc. Backward reads them (out/grad_out as views)
   // and writes dq, dk, dv (contiguous, dtype).

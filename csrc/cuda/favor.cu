@@ -1104,9 +1104,10 @@ void set_segments(Params& p, int64_t chunks, int64_t units, int sms) {
 // Checks the inputs as the CPU op does (csrc/favor_checks.h) and fills the sizes and inputs; `in`
 // keeps the features and mask that the kernels read.
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-                   const std::optional<at::Tensor>& mask, double scale, bool causal, std::string_view kernel,
-                   FavorInputs& in) {
-  in = check_favor_inputs(q, k, v, features, mask, scale, causal, kernel);
+                   const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& mask, double scale,
+                   bool causal, std::string_view kernel, FavorInputs& in) {
+  in = check_favor_inputs(q, k, v, features, feature_bias, mask, scale, causal, kernel);
+  check_shared_features(in, "the CUDA kernels");
   const FavorSizes& n = in.n;
   Params p{};
   p.q = view_of(q);
@@ -1205,9 +1206,10 @@ void backward_impl(Params p, const at::Tensor& q, cudaStream_t stream) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal, c10::string_view kernel) {
+    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    bool causal, c10::string_view kernel) {
   FavorInputs in;
-  Params p = make_params(q, k, v, features, key_padding_mask, scale, causal,
+  Params p = make_params(q, k, v, features, feature_bias, key_padding_mask, scale, causal,
                          std::string_view(kernel.data(), kernel.size()), in);
   c10::cuda::CUDAGuard guard(q.device());
   const auto acc = q.options().dtype(favor_acc_dtype(q));
@@ -1227,14 +1229,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_for
   return {out, state, den, query_shift, key_shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward_cuda(
+// No gradient with respect to the features yet (features_grad must be false): two empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& state, const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift,
-    double scale, bool causal, c10::string_view kernel) {
+    const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& state,
+    const at::Tensor& den, const at::Tensor& query_shift, const at::Tensor& key_shift, double scale, bool causal,
+    c10::string_view kernel, bool features_grad) {
   FavorInputs in;
-  Params p = make_params(q, k, v, features, key_padding_mask, scale, causal,
+  Params p = make_params(q, k, v, features, feature_bias, key_padding_mask, scale, causal,
                          std::string_view(kernel.data(), kernel.size()), in);
+  PERFORMER_CHECK_VALUE(!features_grad, "features_grad", "be false on the CUDA kernels (the gradient with respect to "
+                        "the features runs on the CPU kernels and the plain-PyTorch backend)", "; got ", "true");
   const std::vector<at::Tensor> saved = check_favor_saved(in.n, q, grad_out, out, state, den, query_shift, key_shift);
   c10::cuda::CUDAGuard guard(q.device());
   const auto acc_options = q.options().dtype(favor_acc_dtype(q));
@@ -1255,7 +1261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> favor_backward_cuda(
     dispatch(q.scalar_type(), [&](auto t) { backward_impl<decltype(t)>(p, q, stream); });
   }
   const auto dtype = q.scalar_type();
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype), at::empty({0}, features.options()),
+          at::empty({0}, features.options())};
 }
 
 }  // namespace

@@ -258,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step_cuda(
     const std::optional<at::Tensor>& normalizer, const std::optional<at::Tensor>& key_max, double scale,
     c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
+  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
+  check_shared_features(in, "the decoding step");
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, false);
   FavorStepState next = empty_favor_state(in.n, q);
   at::Tensor out = run_step(q, k, v, in, prev, next.kv, next.normalizer, next.key_max, scale, kn);
@@ -270,7 +271,8 @@ at::Tensor favor_step_inplace_cuda(const at::Tensor& q, const at::Tensor& k, con
                                    at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max, double scale,
                                    c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, key_padding_mask, scale, true, kn);
+  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
+  check_shared_features(in, "the decoding step");
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, true);
   return run_step(q, k, v, in, prev, kv, normalizer, key_max, scale, kn);
 }

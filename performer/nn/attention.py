@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._validate import validate_attention_config, validate_attention_inputs
+from ..feature_maps import FeatureMap
 from ..ops.favor import FavorState, favor_attention, favor_attention_step
 from .features import RandomFeatures
 
@@ -21,22 +22,23 @@ class FastAttention(RandomFeatures):
     features of shape (num_features, dim_head); see RandomFeatures for the redraw options.
 
     ``forward(q, k, v, key_padding_mask=None)``: key_padding_mask bool (B, S), True = ignore that
-    key; returns (B, H, N, Dv). Softmax temperature 1/sqrt(dim_head).
+    key; returns (B, H, N, Dv). Softmax temperature 1/sqrt(dim_head). ``feature_map``: see
+    RandomFeatures.
     """
 
     def __init__(self, dim_head: int, num_features: int = 256, causal: bool = False, kernel: str = "softmax", *,
                  feature_redraw_interval: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 device=None, dtype=None):
+                 feature_map: Optional[FeatureMap] = None, device=None, dtype=None):
         super().__init__()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
         self.causal = causal
-        self._init_features(num_features, dim_head, kernel, feature_redraw_interval, generator, device, dtype)
+        self._init_features(num_features, dim_head, kernel, feature_redraw_interval, generator, device, dtype,
+                            feature_map)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return favor_attention(q, k, v, is_causal=self.causal, features=self._features_for_forward(),
-                               key_padding_mask=key_padding_mask, kernel=self.kernel)
+        return self._attend(q, k, v, self.causal, key_padding_mask)
 
     def extra_repr(self) -> str:
         return (f"dim_head={self.features.shape[1]}, num_features={self.num_features}, causal={self.causal}, "
@@ -67,7 +69,7 @@ class PerformerAttention(RandomFeatures):
 
     - num_features: random features per head (m); more features, closer to softmax attention.
     - kernel: "softmax" approximates softmax attention; "relu" is generalized attention.
-    - feature_redraw_interval, generator: see RandomFeatures.
+    - feature_redraw_interval, generator, feature_map: see RandomFeatures.
 
     Differences from nn.MultiheadAttention, where FAVOR+ has no attention matrix:
 
@@ -88,7 +90,7 @@ class PerformerAttention(RandomFeatures):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
                  num_features: int = 256, kernel: str = "softmax", feature_redraw_interval: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, feature_map: Optional[FeatureMap] = None):
         super().__init__()
         validate_attention_config(embed_dim, num_heads, dropout, kdim, vdim)
         factory = dict(device=device, dtype=dtype)
@@ -120,7 +122,8 @@ class PerformerAttention(RandomFeatures):
         else:
             self.bias_k = self.bias_v = None
         self._reset_parameters()
-        self._init_features(num_features, self.head_dim, kernel, feature_redraw_interval, generator, device, dtype)
+        self._init_features(num_features, self.head_dim, kernel, feature_redraw_interval, generator, device, dtype,
+                            feature_map)
 
     def _reset_parameters(self) -> None:
         for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
@@ -136,7 +139,8 @@ class PerformerAttention(RandomFeatures):
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention, *, num_features: int = 256,
                                  kernel: str = "softmax", feature_redraw_interval: Optional[int] = None,
-                                 generator: Optional[torch.Generator] = None) -> "PerformerAttention":
+                                 generator: Optional[torch.Generator] = None,
+                                 feature_map: Optional[FeatureMap] = None) -> "PerformerAttention":
         """A PerformerAttention with ``mha``'s configuration, sharing its parameters (the same
         Parameter objects, so an optimizer that holds them keeps training them), in its mode."""
         if not isinstance(mha, nn.MultiheadAttention):
@@ -145,7 +149,8 @@ class PerformerAttention(RandomFeatures):
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
                   add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
                   batch_first=mha.batch_first, device=weight.device, dtype=weight.dtype, num_features=num_features,
-                  kernel=kernel, feature_redraw_interval=feature_redraw_interval, generator=generator)
+                  kernel=kernel, feature_redraw_interval=feature_redraw_interval, generator=generator,
+                  feature_map=feature_map)
         for name, param in mha.named_parameters(recurse=False):
             setattr(new, name, param)
         new.out_proj = mha.out_proj
@@ -177,13 +182,13 @@ class PerformerAttention(RandomFeatures):
         if self.bias_k is not None or self.add_zero_attn:
             k, v, mask = self._append_keys(k, v, mask)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        features = self._features_for_forward()
         if cache is not None:
-            out, cache.state = favor_attention_step(q, k, v, cache.state, features=features, kernel=self.kernel,
-                                                    key_padding_mask=mask, inplace=True)
+            if self.feature_map is not None and not self.feature_map.is_identity:
+                raise ValueError("decoding with a cache runs plain FAVOR+ only: this module has a feature_map")
+            out, cache.state = favor_attention_step(q, k, v, cache.state, features=self._features_for_forward(),
+                                                    kernel=self.kernel, key_padding_mask=mask, inplace=True)
         else:
-            out = favor_attention(q, k, v, is_causal=x.causal, features=features, key_padding_mask=mask,
-                                  kernel=self.kernel)
+            out = self._attend(q, k, v, x.causal, mask)
         out = F.dropout(out.transpose(1, 2).flatten(2), self.dropout, self.training)  # (N, L, E)
         return x.to_caller_layout(self.out_proj(out)), None
 

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .._validate import check_generator, validate_feature_options
+from ..feature_maps import FeatureMap
 from ..features import orthogonal_features
+from ..ops.favor import favor_attention
 
 
 def _broadcast_from_rank0(t: torch.Tensor) -> None:
@@ -31,15 +33,26 @@ class RandomFeatures(nn.Module):
 
     In a torch.distributed job every redraw is followed by a broadcast from rank 0, so all ranks
     use the same features at all times; as in DDP training, every rank must redraw together.
+
+    ``feature_map``: None (FAVOR+) or a ``performer.FeatureMap`` (FAVOR++, rescaling, key centering;
+    the module keeps it as the submodule ``feature_map``, with its frozen statistics). Causal
+    attention with a map needs its statistics frozen (``FeatureMap.freeze``, ``performer.calibrate``).
+    ``performer.calibrate`` may also make ``features`` a trainable nn.Parameter (same state_dict key).
     """
 
     features: torch.Tensor
 
     def _init_features(self, num_features: int, dim: int, kernel: str, feature_redraw_interval: Optional[int],
-                       generator: Optional[torch.Generator], device, dtype) -> None:
+                       generator: Optional[torch.Generator], device, dtype,
+                       feature_map: Optional[FeatureMap] = None) -> None:
         """Called by subclasses after their parameters, so that those see the global RNG as the
         torch module they replace would."""
         validate_feature_options(num_features, kernel, feature_redraw_interval, generator)
+        if feature_map is not None and not isinstance(feature_map, FeatureMap):
+            raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
+        if feature_map is not None and kernel != "softmax":
+            raise ValueError(f"feature_map applies to the softmax kernel only; got kernel={kernel!r}")
+        self.feature_map = feature_map
         self.num_features, self.kernel = num_features, kernel
         self.feature_redraw_interval = feature_redraw_interval
         self._own_generator = generator is None
@@ -53,7 +66,8 @@ class RandomFeatures(nn.Module):
 
     @torch.no_grad()
     def redraw_features(self, generator: Optional[torch.Generator] = None) -> None:
-        """Draw new features in place (same shape, dtype and device) from ``generator``, or from the
+        """Draw new features in place (same shape, dtype and device; per-head features (H, m, E), as
+        ``performer.calibrate`` may leave them, one draw per head) from ``generator``, or from the
         module's generator when None; in a distributed job rank 0's draw is broadcast."""
         check_generator("generator", generator)
         if generator is None:
@@ -61,11 +75,26 @@ class RandomFeatures(nn.Module):
                 seed = int(torch.randint(2 ** 62, (), generator=self.generator))  # on the host: no device sync
                 self.generator = torch.Generator(self.features.device).manual_seed(seed)
             generator = self.generator
-        m, dim = self.features.shape
-        self.features.copy_(orthogonal_features(m, dim, generator=generator, device=generator.device,
-                                                dtype=self.features.dtype))
+        *heads, m, dim = self.features.shape
+        draws = [orthogonal_features(m, dim, generator=generator, device=generator.device, dtype=self.features.dtype)
+                 for _ in range(heads[0] if heads else 1)]
+        self.features.copy_(torch.stack(draws) if heads else draws[0])
         _broadcast_from_rank0(self.features)
         self._forwards_since_draw = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Per-head features of the same size (a calibrated module's, (H, m, E)) replace shared ones.
+        saved = state_dict.get(prefix + "features")
+        own = self.features
+        if saved is not None and saved.shape != own.shape and saved.shape[-2:] == own.shape[-2:]:
+            resized = own.new_empty(saved.shape)
+            if isinstance(own, nn.Parameter):
+                self.features = nn.Parameter(resized, requires_grad=own.requires_grad)
+            else:
+                self._buffers["features"] = resized
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.compiler.disable(reason="feature_redraw_interval counts training forwards in Python and draws with "
                                    "a torch.Generator, which torch.compile cannot trace; with fullgraph=True leave "
@@ -79,3 +108,14 @@ class RandomFeatures(nn.Module):
         if self.training and self.feature_redraw_interval is not None:
             self._count_training_forward()
         return self.features
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """favor_attention with this module's features and feature map; while ``performer.calibrate``
+        runs, its hook (``_calibration``) gets the inputs and the computation, and decides the output."""
+        def run() -> torch.Tensor:
+            return favor_attention(q, k, v, is_causal=causal, features=self._features_for_forward(),
+                                   key_padding_mask=key_padding_mask, kernel=self.kernel, feature_map=self.feature_map)
+
+        hook = getattr(self, "_calibration", None)
+        return run() if hook is None else hook(self, q, k, v, causal, key_padding_mask, run)

@@ -1,6 +1,7 @@
 """performer.favor_attention: validate -> dispatch -> run."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from ... import _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor
+from ...feature_maps import FeatureMap
 from . import triton as triton_backend
 from .cpp import cuda_reason, favor_cpp
 from .reference import favor_torch
@@ -15,8 +17,18 @@ from .reference import favor_torch
 OP = "favor_attention"
 
 
+_PLAIN_ONLY = ("takes one (m, E) matrix of constant features without feature_bias (per-head features, "
+               "feature_bias and gradients with respect to the features run on the CPU kernels and the torch backend)")
+
+
 def _cpp_check(args):
-    return cuda_reason() if args.device.type == "cuda" else None
+    if args.device.type != "cuda":
+        return None
+    return cuda_reason() or (None if args.plain_features else _PLAIN_ONLY)
+
+
+def _triton_check(args):
+    return triton_backend.decline_reason(args) or (None if args.plain_features else _PLAIN_ONLY)
 
 
 # On CUDA tensors the compiled ops run csrc/cuda/favor.cu: tested on the CPU through an emulator of
@@ -28,16 +40,19 @@ _dispatch.register(OP, _dispatch.Backend(
 _dispatch.register(OP, _dispatch.Backend(
     name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES, default=False,
     run=triton_backend.favor_triton, available=triton_backend.unavailable_reason,
-    check=triton_backend.decline_reason))
+    check=_triton_check))
 _dispatch.register(OP, _dispatch.Backend(
     name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=("cuda", "mps", "xpu"),
-    run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel)))
+    run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel,
+                              feature_bias=a.feature_bias)))
 
 
 def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
                     dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None, *,
                     features: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                    kernel: str = "softmax", backend: Optional[str] = None) -> torch.Tensor:
+                    kernel: str = "softmax", backend: Optional[str] = None,
+                    feature_bias: Optional[torch.Tensor] = None,
+                    feature_map: Optional[FeatureMap] = None) -> torch.Tensor:
     """FAVOR+ attention: a linear-time, linear-memory approximation of
     ``torch.nn.functional.scaled_dot_product_attention`` (softmax(scale * Q K^T) V).
 
@@ -52,8 +67,17 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             tokens after a cached prefix) the queries are the last L positions (bottom-right
             aligned, as in ``flash-attention``): query t sees keys 0..S - L + t.
         scale: softmax temperature, default 1/sqrt(E); applied as sqrt(scale) to query and key.
-        features: (m, E) random projection, e.g. ``performer.orthogonal_features(m, E)``; a
-            constant: no gradient flows to it. More rows, better approximation.
+        features: (m, E) random projection, e.g. ``performer.orthogonal_features(m, E)``, or one per
+            key/value head (Hk, m, E), or per batch element and key head (N, Hk, m, E) (Hk: the key's
+            heads, the product of its dimensions between the batch and S). More rows, better
+            approximation. Differentiable: a gradient flows to features that require one (the
+            projection can be trained, see ``performer.calibrate``).
+        feature_bias: None, or a bias added to every projection, of the features' shape without E
+            ((m,), (Hk, m) or (N, Hk, m)): phi(x) = exp(W x + b - |x|^2 / 2). FAVOR++ and the
+            feature maps of ``performer.feature_maps`` use it; differentiable like the features.
+        feature_map: None (FAVOR+) or a ``performer.FeatureMap`` (FAVOR++, per-dimension rescaling,
+            key centering): lower-variance features built from ``features`` (then (m, E)) and the
+            statistics of query and key; softmax kernel only.
         key_padding_mask: bool (N, S) ((S,) for 2-D inputs); True ignores that key, exactly as if
             it were removed. A query with no visible key returns zeros.
         kernel: "softmax" (positive random features, approximates softmax attention) or "relu"
@@ -62,15 +86,32 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             "torch" on GPUs. "cpp" (C++ kernels on the CPU, CUDA kernels on NVIDIA GPUs when the
             extension was built with them; opt-in there), "triton" (Triton kernels, opt-in: float32,
             float16 and bfloat16, head and feature sizes limited, see ``ops/favor/triton.py``) or
-            "torch" (plain PyTorch, any device) forces one.
+            "torch" (plain PyTorch, any device) forces one. Per-head features, feature_bias and
+            gradients with respect to the features run on "cpp" on the CPU and on "torch".
 
     Returns:
         (..., L, Ev) in the query's dtype. Internally float32 accumulation (float64 for float64).
     """
     args = validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
-                          key_padding_mask, kernel)
+                          key_padding_mask, kernel, feature_bias)
+    if feature_map is not None:
+        args = _apply(feature_map, args)
     impl = _dispatch.select(OP, args, backend)
     out = impl.run(args)
     if args.query_pad:
         out = out[..., args.query_pad:, :]
     return out.reshape(args.out_shape)
+
+
+def _apply(feature_map: FeatureMap, args):
+    """The validated arguments with the feature map's query, key, features and bias (scale 1)."""
+    if not isinstance(feature_map, FeatureMap):
+        raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
+    if args.kernel != "softmax":
+        raise ValueError(f"feature_map applies to the softmax kernel only; got kernel={args.kernel!r}")
+    if args.feature_bias is not None:
+        raise ValueError("feature_map builds feature_bias itself: pass one or the other")
+    if feature_map.is_identity:
+        return args
+    p = feature_map(args.q, args.k, args.features, args.scale, args.causal, args.key_padding_mask)
+    return dataclasses.replace(args, q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0)

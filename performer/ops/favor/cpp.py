@@ -21,14 +21,15 @@ def step_cuda_reason():
     return _STEP_CUDA_REASON
 
 if unavailable_reason() is None:
-    torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)
-    torch.library.register_fake("performer::favor_backward")(opdef.backward_fake)
-    opdef.register_autograd("performer::favor_forward", torch.ops.performer.favor_backward)
+    torch.library.register_fake("performer::favor_forward")(opdef.forward_fake_biased)
+    torch.library.register_fake("performer::favor_backward")(opdef.backward_fake_biased)
+    opdef.register_autograd_biased("performer::favor_forward", torch.ops.performer.favor_backward)
     torch.library.register_fake("performer::favor_step")(opdef.step_fake)
     torch.library.register_fake("performer::favor_step_")(opdef.step_inplace_fake)
 
 
 def favor_cpp(args) -> torch.Tensor:
     out, *_ = torch.ops.performer.favor_forward(
-        args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.causal, args.kernel)
+        args.q, args.k, args.v, args.features, args.feature_bias, args.key_padding_mask, args.scale, args.causal,
+        args.kernel)
     return out

@@ -8,6 +8,11 @@ kernels, their autograd, and the argument checks of ops written in Python.
     backward(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift,
              key_shift, scale, causal, kernel) -> dq, dk, dv
 
+The compiled C++ ops (performer::favor_forward / favor_backward) also take ``feature_bias`` after
+the features, which may be per batch and key head ((Bf, Hf, m, E) with Bf in {1, B}, Hf in {1, Hk};
+the bias of shape (Bf, Hf, m)), and their backward takes ``features_grad`` last and returns the
+gradients with respect to features and feature_bias as well (empty tensors when not asked for).
+
 and of the decoding step (no autograd: performer.favor_attention_step runs the plain-PyTorch step
 when a gradient is needed):
 
@@ -27,7 +32,7 @@ def acc_dtype(q: torch.Tensor) -> torch.dtype:
 def forward_fake(q, k, v, features, key_padding_mask, scale, causal, kernel):
     B, H, L, _ = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    m = features.shape[0]
+    m = features.shape[-2]
     acc = acc_dtype(q)
     return (q.new_empty(B, H, L, Ev), q.new_empty(B, Hk, m, Ev + 1, dtype=acc),
             q.new_empty(B, H, L, dtype=acc), q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
@@ -50,6 +55,20 @@ def backward_fake(grad_out, q, k, v, features, key_padding_mask, out, state, den
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
+def forward_fake_biased(q, k, v, features, feature_bias, key_padding_mask, scale, causal, kernel):
+    return forward_fake(q, k, v, features, key_padding_mask, scale, causal, kernel)
+
+
+def backward_fake_biased(grad_out, q, k, v, features, feature_bias, key_padding_mask, out, state, den, query_shift,
+                         key_shift, scale, causal, kernel, features_grad):
+    dq, dk, dv = backward_fake(grad_out, q, k, v, features, key_padding_mask, out, state, den, query_shift,
+                               key_shift, scale, causal, kernel)
+    dw = torch.empty_like(features, memory_format=torch.contiguous_format) if features_grad else features.new_empty(0)
+    db = torch.empty_like(feature_bias, memory_format=torch.contiguous_format) \
+        if features_grad and feature_bias is not None else features.new_empty(0)
+    return dq, dk, dv, dw, db
+
+
 def register_autograd(forward, backward) -> None:
     """forward's gradient through backward (q, k, v only: features and the mask are constants)."""
     def setup_context(ctx, inputs, output):
@@ -62,6 +81,26 @@ def register_autograd(forward, backward) -> None:
     def backward_fn(ctx, grad_out, *_unused):
         dq, dk, dv = backward(grad_out, *ctx.saved_tensors, *ctx.params)
         return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+def register_autograd_biased(forward, backward) -> None:
+    """As register_autograd for the ops with feature_bias: the gradients with respect to features and
+    feature_bias are computed when either needs one."""
+    def setup_context(ctx, inputs, output):
+        q, k, v, features, feature_bias, key_padding_mask, scale, causal, kernel = inputs
+        out, *stats = output
+        ctx.save_for_backward(q, k, v, features, feature_bias, key_padding_mask, out, *stats)
+        ctx.params = (scale, causal, kernel)
+        ctx.mark_non_differentiable(*stats)
+
+    def backward_fn(ctx, grad_out, *_unused):
+        features_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dq, dk, dv, dw, db = backward(grad_out, *ctx.saved_tensors, *ctx.params, features_grad)
+        dw = dw if ctx.needs_input_grad[3] else None
+        db = db if ctx.needs_input_grad[4] else None
+        return dq, dk, dv, dw, db, None, None, None, None
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 

@@ -1,8 +1,9 @@
 """Plain-PyTorch FAVOR+ in the canonical layout (see performer._validate.FavorArgs).
 
-Math, with c = sqrt(scale), q' = c q, k' = c k and W the (m, E) features:
-  softmax kernel:  phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)   (positive random features)
-  relu kernel:     phi(x) = relu(W x) + RELU_EPS
+Math, with c = sqrt(scale), q' = c q, k' = c k, W the (m, E) features and b their bias (zero
+when none; both may differ per batch and key head: (Bf, Hf, m, E) and (Bf, Hf, m)):
+  softmax kernel:  phi(x) = exp(W x + b - |x|^2 / 2) / sqrt(m)   (positive random features)
+  relu kernel:     phi(x) = relu(W x + b) + RELU_EPS
   out_t = sum_s phi(q'_t).phi(k'_s) v_s / sum_s phi(q'_t).phi(k'_s)
 over the keys s that are not padding (and s <= t when causal). A query with no visible key
 returns zeros. Constant factors of phi cancel in the ratio: queries are shifted by their own
@@ -24,18 +25,29 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def query_features(q: torch.Tensor, features: torch.Tensor, scale: float, kernel: str) -> torch.Tensor:
-    u = (q * scale ** 0.5) @ features.T
+def project(x: torch.Tensor, features: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (B, H, N, E) @ W^T + b: (B, H, N, m), with per-(batch, key head) features (Bf, Hf, m, E) and
+    bias (Bf, Hf, m) repeated over the query heads of each key head (H = Hf * groups)."""
+    if features.dim() == 4 and features.shape[1] not in (1, x.shape[1]):
+        groups = x.shape[1] // features.shape[1]
+        features = features.repeat_interleave(groups, dim=1)
+        bias = bias.repeat_interleave(groups, dim=1) if bias is not None else None
+    u = x @ features.transpose(-1, -2)
+    return u if bias is None else u + bias.unsqueeze(-2)
+
+
+def query_features(q: torch.Tensor, features: torch.Tensor, scale: float, kernel: str, bias=None) -> torch.Tensor:
+    u = project(q * scale ** 0.5, features, bias)
     if kernel == "relu":
         return torch.relu(u) + RELU_EPS
     return torch.exp(u - u.amax(dim=-1, keepdim=True).detach())
 
 
 def key_features(k: torch.Tensor, features: torch.Tensor, scale: float, kernel: str,
-                 key_padding_mask) -> torch.Tensor:
+                 key_padding_mask, bias=None) -> torch.Tensor:
     """(B, Hk, S, m) key features; padding keys get exactly zero."""
     kc = k * scale ** 0.5
-    w = kc @ features.T
+    w = project(kc, features, bias)
     if kernel == "relu":
         phi = torch.relu(w) + RELU_EPS
     else:
@@ -52,12 +64,13 @@ def key_features(k: torch.Tensor, features: torch.Tensor, scale: float, kernel: 
     return phi
 
 
-def _prepare(q, k, v, features, key_padding_mask, scale, kernel):
+def _prepare(q, k, v, features, key_padding_mask, scale, kernel, bias=None):
     acc = acc_dtype(q.dtype)
     q, k, v, features = (t.to(acc) for t in (q, k, v, features))
+    bias = bias.to(acc) if bias is not None else None
     groups = q.shape[1] // k.shape[1]
-    phi_q = query_features(q, features, scale, kernel)
-    phi_k = key_features(k, features, scale, kernel, key_padding_mask)
+    phi_q = query_features(q, features, scale, kernel, bias)
+    phi_k = key_features(k, features, scale, kernel, key_padding_mask, bias)
     phi_k = phi_k.repeat_interleave(groups, dim=1)
     v_aug = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).repeat_interleave(groups, dim=1)
     return phi_q, phi_k, v_aug
@@ -70,8 +83,8 @@ def _normalize(out_aug: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(visible, out, torch.zeros_like(out)).to(dtype)
 
 
-def favor_dense(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str):
-    phi_q, phi_k, v_aug = _prepare(q, k, v, features, key_padding_mask, scale, kernel)
+def favor_dense(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str, feature_bias=None):
+    phi_q, phi_k, v_aug = _prepare(q, k, v, features, key_padding_mask, scale, kernel, feature_bias)
     a = phi_q @ phi_k.transpose(-1, -2)
     if causal:  # bottom-right aligned: query t is position S - L + t
         a = torch.tril(a, diagonal=a.shape[-1] - a.shape[-2])
@@ -127,23 +140,26 @@ class _Normalize(torch.autograd.Function):
 
 
 def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool, kernel: str,
-                chunk: int = 128, initial_state=None, return_state: bool = False):
+                chunk: int = 128, initial_state=None, return_state: bool = False, feature_bias=None):
     """Linear-memory FAVOR+ in plain PyTorch with the kernels' stabilization (running key maximum,
     per-query shifts that keep normalizers >= 1): no causal leak, finite for any finite input.
+    Differentiable with respect to q, k, v, features and feature_bias.
 
     Causal only: ``initial_state`` (kv (B, Hk, m, Ev), normalizer (B, Hk, m), running key maximum
     (B, Hk), in the accumulation dtype) continues from earlier keys, and ``return_state=True``
     returns ``(out, final_state)``: the recurrent form used by favor_attention_step."""
     acc, out_dtype = acc_dtype(q.dtype), q.dtype
-    W = features.detach().to(acc)
+    W = features.to(acc)
+    bias = feature_bias.to(acc) if feature_bias is not None else None
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     B, H, L, _ = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    m = W.shape[-2]
     groups = H // Hk
     c = scale ** 0.5
-    u = (q * c) @ W.T                                  # (B, H, L, m)
+    u = project(q * c, W, bias)                        # (B, H, L, m)
     kc = k * c
-    w = kc @ W.T                                       # (B, Hk, S, m)
+    w = project(kc, W, bias)                           # (B, Hk, S, m)
     visible = torch.ones(B, 1, S, dtype=torch.bool, device=q.device) if key_padding_mask is None \
         else ~key_padding_mask[:, None, :]
     if kernel == "relu":
@@ -172,8 +188,8 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
         return finish(phi_q @ state, (phi_q @ z[..., None]).squeeze(-1)[..., None])
 
     if initial_state is None:
-        state = q.new_zeros(B, Hk, W.shape[0], Ev)
-        z = q.new_zeros(B, Hk, W.shape[0])
+        state = q.new_zeros(B, Hk, m, Ev)
+        z = q.new_zeros(B, Hk, m)
         m_prev = torch.full((B, Hk), NEG_INF, dtype=acc, device=q.device)
     else:
         state, z, m_prev = initial_state
@@ -208,7 +224,7 @@ def favor_torch(q, k, v, features, key_padding_mask, scale: float, causal: bool,
         z = z * keep + scaled.sum(dim=-2)
         m_prev = m_end
     if not outs:  # L == 0: an empty result that still takes part in autograd
-        out = (q.new_zeros(B, H, 0, Ev) + 0 * (q.sum() + k.sum() + v.sum())).to(out_dtype)
+        out = (q.new_zeros(B, H, 0, Ev) + 0 * (q.sum() + k.sum() + v.sum() + W.sum())).to(out_dtype)
     else:
         out = torch.cat(outs, dim=-2)
     return (out, (state, z, m_prev)) if return_state else out

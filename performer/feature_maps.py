@@ -1,0 +1,216 @@
+"""Lower-variance positive feature maps on top of FAVOR+: what they change, before the kernels run.
+
+Every map here rewrites the inputs of ``favor_attention`` (query, key, features, feature_bias) and
+leaves the kernels alone, so it runs on every backend that takes those inputs (per-head features
+and feature_bias: the C++ CPU kernels and the plain-PyTorch backend). With x = sqrt(scale) q and
+y = sqrt(scale) k, the softmax kernel exp(x.y) is estimated by:
+
+- key centering: y -> y - mean(y) over the visible keys of each (batch, key head). Exact for softmax
+  attention (x.mean(y) is a constant per query and cancels in the normalization), and it shrinks
+  |y|, which the estimator's variance grows with.
+- rescaling (the diagonal transform of FAVOR#/SADERF, Likhosherstov et al. 2023): per dimension
+  Psi = (sum y^2 / sum x^2)^(1/4), x -> Psi x, y -> y / Psi. x.y is unchanged; |x| and |y| are
+  balanced per dimension, which is what anisotropic (trained) queries and keys need.
+- FAVOR++ (optimal positive random features, Likhosherstov et al., NeurIPS 2022):
+  phi(x) = D exp(A |w|^2 + B w.x - |x|^2 / 2) with B = sqrt(1 - 4A), D = (1 - 4A)^(d/4), unbiased
+  for exp(x.y) for any A < 1/8; A is the closed-form minimizer of the estimator's second moment
+  averaged over the pairs of x and y, A = (1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)) / 16 with
+  rho = mean |x + y|^2 / d. It becomes features B W and feature_bias A |w|^2 (D cancels).
+
+The statistics (the key mean, Psi, A) come, per batch element and key head, from the call's own
+queries and visible keys when attention is bidirectional; a causal call would see later positions
+that way, so causal attention needs them frozen (``FeatureMap.freeze`` on representative data, or
+``performer.calibrate``), and refuses otherwise. Frozen statistics are per key head and are used
+for every batch element. They carry no gradient unless made trainable (``FeatureMap.freeze(...,
+trainable=True)``): the estimator stays unbiased for any choice of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+MAPS = ("favor+", "favor++")
+STATISTICS = ("key_mean", "log_psi", "coef_a")
+MAX_TRAINED_COEF_A = 0.1  # a trainable FAVOR++ coefficient is clamped here (the estimator needs A < 1/8)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What favor_attention takes after a feature map: query and key (the canonical (B, H, L, E)
+    and (B, Hk, S, E), already multiplied by sqrt(scale): pass scale=1), features and feature_bias."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    features: torch.Tensor
+    feature_bias: Optional[torch.Tensor]
+
+
+def favor_pp_coefficient(rho: torch.Tensor) -> torch.Tensor:
+    """FAVOR++'s A for rho = mean |x + y|^2 / d (>= 0): the minimizer of the averaged log second
+    moment d log(1 - 4A) - d/2 log(1 - 8A) + 2 d rho (1 - 4A) / (1 - 8A); negative for rho > 0."""
+    return (1 - 2 * rho - torch.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
+
+
+class FeatureMap(nn.Module):
+    """The choice of positive random features for the FAVOR modules: ``kind`` "favor+" (the
+    Performer's) or "favor++", optionally with ``rescale`` (per-dimension Psi) and ``center_keys``.
+    ``FeatureMap()`` is plain FAVOR+ and changes nothing. See the module docstring for the math.
+
+    Frozen statistics (buffers, or parameters when trainable; saved in the state_dict): ``key_mean``
+    (Hk, E), ``log_psi`` (Hk, E) and ``coef_a`` (Hk,), set by ``freeze``; until then the statistics
+    come from each call (bidirectional only).
+    """
+
+    def __init__(self, kind: str = "favor++", *, rescale: bool = True, center_keys: bool = True):
+        super().__init__()
+        if kind not in MAPS:
+            raise ValueError(f"kind must be one of {', '.join(repr(m) for m in MAPS)}; got {kind!r}")
+        for name, flag in (("rescale", rescale), ("center_keys", center_keys)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+        self.kind, self.rescale, self.center_keys = kind, rescale, center_keys
+        for name in STATISTICS:
+            self.register_buffer(name, None)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "favor+" and not self.rescale and not self.center_keys
+
+    @property
+    def frozen(self) -> bool:
+        return self.coef_a is not None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, rescale={self.rescale}, center_keys={self.center_keys}, frozen={self.frozen}"
+
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def statistics(self, x: torch.Tensor, y: torch.Tensor, key_padding_mask: Optional[torch.Tensor]):
+        """(key mean (B, Hk, E), log Psi (B, Hk, E), A (B, Hk)) of scaled queries x (B, H, L, E) and
+        keys y (B, Hk, S, E) over the visible keys, in x's dtype, without gradient; identities for
+        the parts this map does not use."""
+        x, y = x.detach(), y.detach()
+        B, H, L, E = x.shape
+        Hk, S = y.shape[1], y.shape[2]
+        groups = H // Hk
+        visible = (torch.ones(B, S, dtype=x.dtype, device=x.device) if key_padding_mask is None
+                   else (~key_padding_mask).to(x.dtype))[:, None, :, None]           # (B, 1, S, 1)
+        count = visible.sum(dim=2).clamp_min(1)                                      # (B, 1, 1)
+        mean = (y * visible).sum(dim=2) / count if self.center_keys else y.new_zeros(B, Hk, E)
+        y = y - mean[:, :, None, :]
+        xg = x.reshape(B, Hk, groups * L, E)
+        if self.rescale:
+            ky = (y * y * visible).sum(dim=2) / count                               # mean y^2 per dim
+            qx = (xg * xg).mean(dim=2) if L else torch.zeros_like(ky)
+            tiny = torch.finfo(x.dtype).tiny
+            log_psi = 0.25 * (torch.log(ky + tiny) - torch.log(qx + tiny))
+            log_psi = torch.where((ky > 0) & (qx > 0), log_psi, torch.zeros_like(log_psi))
+        else:
+            log_psi = y.new_zeros(B, Hk, E)
+        if self.kind == "favor++":
+            psi = torch.exp(log_psi)
+            xs, ys = xg * psi[:, :, None, :], y / psi[:, :, None, :]
+            sq_x = (xs * xs).sum(-1).mean(-1) if L else xs.new_zeros(B, Hk)
+            sq_y = ((ys * ys).sum(-1, keepdim=True) * visible).sum(2).squeeze(-1) / count.squeeze(-1)
+            mx = xs.mean(2) if L else xs.new_zeros(B, Hk, E)
+            my = (ys * visible).sum(2) / count
+            rho = ((sq_x + sq_y + 2 * (mx * my).sum(-1)) / E).clamp_min(0)
+            a = favor_pp_coefficient(rho)
+        else:
+            a = y.new_zeros(B, Hk)
+        return mean, log_psi, a
+
+    @torch.no_grad()
+    def freeze(self, query: torch.Tensor, key: torch.Tensor, scale: Optional[float] = None, *,
+               key_padding_mask: Optional[torch.Tensor] = None, trainable: bool = False) -> "FeatureMap":
+        """Fix the statistics to those of ``query`` (B, H, L, E) and ``key`` (B, Hk, S, E) averaged
+        over the batch (representative data, e.g. a calibration batch or a prompt), per key head;
+        ``scale`` as for favor_attention. ``trainable=True`` makes them nn.Parameters (for
+        ``performer.calibrate``). Returns self."""
+        x, y = _scaled(query, key, scale)
+        mean, log_psi, a = self.statistics(x, y, key_padding_mask)
+        values = dict(key_mean=mean.mean(0), log_psi=log_psi.mean(0), coef_a=a.mean(0))
+        for name, value in values.items():
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            if trainable:
+                self.register_parameter(name, nn.Parameter(value.clone()))
+            else:
+                self.register_buffer(name, value.clone())
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A frozen map's statistics load into an unfrozen one (buffers of the saved shape).
+        for name in STATISTICS:
+            if prefix + name in state_dict and getattr(self, name) is None:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- the transform --------------------------------------------------------------------------
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor, scale: float, causal: bool,
+                key_padding_mask: Optional[torch.Tensor] = None) -> Prepared:
+        """query (B, H, L, E), key (B, Hk, S, E), features (m, E), per key head (Hk, m, E) or per
+        batch and key head (B, Hk, m, E) (either may be 1) -> what favor_attention takes (scale 1)."""
+        if query.dim() != 4 or key.dim() != 4:
+            raise ValueError(f"query and key must have shape (B, H, L, E) and (B, Hk, S, E) for a feature map; "
+                             f"got {tuple(query.shape)} and {tuple(key.shape)}")
+        lead = tuple(features.shape[:-2])
+        B, Hk = key.shape[0], key.shape[1]
+        if features.dim() > 4 or (lead and lead[-1] not in (1, Hk)) or (len(lead) == 2 and lead[0] not in (1, B)):
+            raise ValueError(f"features must have shape (m, E), (Hk, m, E) or (B, Hk, m, E) with Hk={Hk} and B={B} "
+                             f"(or 1) for a feature map; got shape {tuple(features.shape)}")
+        x, y = _scaled(query, key, scale)
+        if self.is_identity:
+            return Prepared(x, y, features, None)
+        B, Hk, E = y.shape[0], y.shape[1], y.shape[3]
+        if self.frozen:
+            mean, log_psi, a = (t.to(x.dtype) for t in (self.key_mean, self.log_psi, self.coef_a))
+            if mean.shape != (Hk, E):
+                raise ValueError(f"this FeatureMap was frozen for {mean.shape[0]} key heads of size {mean.shape[1]}; "
+                                 f"got key of shape {tuple(key.shape)} (Hk={Hk}, E={E})")
+            if isinstance(self.coef_a, nn.Parameter):  # trained: kept inside the allowed range
+                a = a.clamp(max=MAX_TRAINED_COEF_A)
+            elif not bool(torch.all(a < 0.125)):
+                raise ValueError(f"coef_a must be below 1/8 (the estimator's variance is infinite beyond); got "
+                                 f"max {a.max().item():.4g}")
+            mean, log_psi, a = mean[None], log_psi[None], a[None]
+        elif causal:
+            raise ValueError(f"a {self.kind} FeatureMap with rescale={self.rescale}, center_keys={self.center_keys} "
+                             "needs frozen statistics in causal attention (from the whole sequence they would let "
+                             "each position see later ones): call feature_map.freeze(query, key) on representative "
+                             "data, or performer.calibrate(model, ...)")
+        else:
+            mean, log_psi, a = self.statistics(x, y, key_padding_mask)
+        groups = query.shape[1] // Hk
+        if self.center_keys:
+            y = y - mean[:, :, None, :]
+        if self.rescale:
+            psi = torch.exp(log_psi)[:, :, None, :]
+            x = x * psi.repeat_interleave(groups, dim=1)
+            y = y / psi
+        if self.kind == "favor+":
+            return Prepared(x, y, features, None)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = features.to(acc)
+        w = w if w.dim() in (2, 4) else w[None]                                      # (m, E) or (Bf, Hf, m, E)
+        a = a.to(acc)
+        b = torch.sqrt(1 - 4 * a)                                                    # (Bs, Hk)
+        scaled = b[..., None, None] * w                                              # (Bs, Hk, m, E)
+        bias = a[..., None] * (w * w).sum(-1)                                        # (Bs, Hk, m)
+        return Prepared(x, y, scaled, bias)
+
+
+def _scaled(query: torch.Tensor, key: torch.Tensor, scale: Optional[float]):
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be positive and finite; got {scale!r}")
+    c = math.sqrt(scale)
+    return query * c, key * c
