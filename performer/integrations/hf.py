@@ -24,6 +24,10 @@ same features, because they are a function of (seed, layer index). The seed is t
 unless the model's config has ``favor_seed``; ``redraw_features(model, seed)`` sets that field and
 redraws every module, and ``save_pretrained`` keeps it with the config.
 
+Calibration. ``performer.calibrate(model, batches)`` works on these models too: each attention
+module then gets a ``performer.FeatureMap`` in the submodule ``favor_feature_map`` and trained
+per-head features in the parameter ``favor_features`` (both in the state_dict from then on).
+
 Generation. ``FavorCache`` is a transformers ``Cache`` that keeps, per layer, the fixed-size
 ``performer.FavorState`` instead of the keys and values: each new token costs the same whatever
 the prefix. With transformers' own caches (DynamicCache), generation works too, with causal
@@ -55,7 +59,8 @@ from ._masks import reduce_mask
 
 __all__ = ["FavorCache", "FavorCacheLayer", "prepare", "redraw_features", "register"]
 
-FEATURES = "favor_features"     # the buffer each attention module gets
+FEATURES = "favor_features"     # the buffer each attention module gets (a parameter once calibrated)
+FEATURE_MAP = "favor_feature_map"  # the FeatureMap submodule performer.calibrate gives it
 _LAYER_KWARG = "favor_cache_layer"  # how a FavorCacheLayer reaches the attention function of its layer
 # Keyword arguments of transformers' attention functions that FAVOR+ cannot honour when set.
 _UNSUPPORTED = {
@@ -103,7 +108,7 @@ def _options_of(model: nn.Module) -> dict:
     return fn.favor_options
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The modules that call transformers' attention function: those with a transformers config, an
     ``is_causal`` flag and a head size (every attention class of the library has them)."""
     return [m for m in model.modules()
@@ -117,7 +122,7 @@ def prepare(model: nn.Module) -> nn.Module:
     whose attention modules have no layer index (ViT, ...), and before ``torch.compile(fullgraph=True)``.
     Returns the model."""
     options = _options_of(model)
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"model has no transformers attention module (none with a config, is_causal and a head size); "
                          f"got {type(model).__name__}")
@@ -136,7 +141,7 @@ def redraw_features(model: nn.Module, seed: int) -> None:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     options = _options_of(model)
     model.config.favor_seed = seed
-    for module in _attention_modules(model):
+    for module in attention_modules(model):
         if FEATURES in module._buffers:
             module.config.favor_seed = seed  # sub-configs (encoder-decoder) too
             del module._buffers[FEATURES]
@@ -165,7 +170,11 @@ def _layer_index(module: nn.Module) -> int:
 
 
 def _features(options: dict, module: nn.Module, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """The module's (num_features, dim) features, drawn on first use (see the module docstring)."""
+    """The module's (num_features, dim) features, drawn on first use (see the module docstring), or
+    the trained ones ((Hk, num_features, dim) parameters) of a calibrated module."""
+    trained = module._parameters.get(FEATURES)
+    if trained is not None:
+        return trained
     features = module._buffers.get(FEATURES)
     if features is not None and features.shape == (options["num_features"], dim):
         return features
@@ -222,8 +231,16 @@ def _favor_attention_forward(options, module, query, key, value, attention_mask,
                                                 kernel=options["kernel"], key_padding_mask=padding, inplace=True)
         layer.pending = False
     else:
-        out = favor_attention(query, key, value, is_causal=causal and L > 0, scale=scaling, features=features,
-                              key_padding_mask=padding, kernel=options["kernel"], backend=options["backend"])
+        feature_map = getattr(module, FEATURE_MAP, None)
+
+        def run() -> torch.Tensor:
+            return favor_attention(query, key, value, is_causal=causal and L > 0, scale=scaling, features=features,
+                                   key_padding_mask=padding, kernel=options["kernel"], backend=options["backend"],
+                                   feature_map=feature_map)
+
+        hook = getattr(module, "_calibration", None)  # performer.calibrate's, while it runs
+        out = run() if hook is None else hook(module, query, key, value, causal and L > 0, padding, run,
+                                              scale=scaling)
     if dropout:
         out = F.dropout(out, p=dropout, training=True)
     return out.transpose(1, 2).contiguous(), None
