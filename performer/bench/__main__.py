@@ -108,7 +108,8 @@ def plan(args) -> list[cases.Plan]:
             plans.append(cases.plan_matmul(spec, args.sizes or spec.square.pick(quick), args.dtype or spec.dtypes,
                                            args.device, with_favor_shapes=not args.sizes))
         elif suite == "accuracy":
-            plans.append(cases.plan_accuracy(registry.ACCURACY, registry.ACCURACY.num_features.pick(quick)))
+            spec = registry.ACCURACY
+            plans.append(cases.plan_accuracy(spec, spec.num_features.pick(quick), spec.draws.pick(quick)[0]))
         elif suite == "decode":
             spec = registry.DECODE
             plans.append(cases.plan_decode(spec, args.lengths or spec.prefixes.pick(quick), args.dtype or spec.dtypes,

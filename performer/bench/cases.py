@@ -246,29 +246,44 @@ def plan_compress(spec: registry.CompressSuite, rows, features, densities, threa
     return plan
 
 
-def accuracy_errors(spec: registry.AccuracySuite, temperature: float, m: int) -> dict:
-    """Relative error ||FAVOR+ - exact|| / ||exact|| over independent feature draws, and that of
-    the uniform average of the values (the error of ignoring the queries altogether)."""
+def accuracy_inputs(spec: registry.AccuracySuite, inputs: registry.AccuracyInputs):
+    """q, k, v (1, H, L, E) of an accuracy case (the same for every estimator and m)."""
     dtype = DTYPES[spec.dtype]
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, spec.heads, spec.length, spec.dim, generator=g, dtype=dtype) for _ in range(3))
-    q, k = q * temperature, k * temperature
+    q, k = q * inputs.temperature, k * inputs.temperature
+    if inputs.anisotropic:
+        s = torch.exp(torch.randn(1, spec.heads, 1, spec.dim, generator=g, dtype=dtype))
+        q, k = q * s, k / s
+    if inputs.offset:
+        k = k + torch.randn(1, spec.heads, 1, spec.dim, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def accuracy_errors(spec: registry.AccuracySuite, inputs: registry.AccuracyInputs, impl: Impl, m: int,
+                    draws: int) -> dict:
+    """Relative error ||estimate - exact|| / ||exact|| over independent feature draws (median and
+    spread), and that of the uniform average of the values (the error of ignoring the queries)."""
+    q, k, v = accuracy_inputs(spec, inputs)
     exact = F.scaled_dot_product_attention(q, k, v)
     norm = exact.norm()
     errors = []
-    for draw in range(spec.draws):
-        w = performer.orthogonal_features(m, spec.dim, generator=torch.Generator().manual_seed(100 + draw), dtype=dtype)
-        errors.append(((performer.favor_attention(q, k, v, features=w) - exact).norm() / norm).item())
+    for draw in range(draws):
+        w, feature_map = impl.fn(m, spec.dim, torch.Generator().manual_seed(100 + draw), q.dtype)
+        out = performer.favor_attention(q, k, v, features=w, feature_map=feature_map)
+        errors.append(((out - exact).norm() / norm).item())
     uniform = (v.mean(dim=-2, keepdim=True).expand_as(exact) - exact).norm() / norm
     return {"rel_error": statistics.median(errors), "rel_error_spread": max(errors) - min(errors),
-            "draws": spec.draws, "uniform_rel_error": uniform.item()}
+            "draws": draws, "uniform_rel_error": uniform.item()}
 
 
-def plan_accuracy(spec: registry.AccuracySuite, num_features) -> Plan:
+def plan_accuracy(spec: registry.AccuracySuite, num_features, draws: int) -> Plan:
     plan = Plan("accuracy", {"L": spec.length, "heads": spec.heads, "dim": spec.dim, "dtype": spec.dtype,
-                             "draws": spec.draws, "device": "cpu"})
-    for t in spec.temperatures:
+                             "draws": draws, "device": "cpu"})
+    for inputs in spec.inputs:
         for m in num_features:
-            plan.cases.append(Case("accuracy", "favor", {"temperature": t, "num_features": m},
-                                   evaluate=lambda t=t, m=m: accuracy_errors(spec, t, m)))
+            for impl in spec.impls:
+                plan.cases.append(Case("accuracy", impl.name,
+                                       {"inputs": inputs.name, "temperature": inputs.temperature, "num_features": m},
+                                       evaluate=lambda i=inputs, x=impl, m=m: accuracy_errors(spec, i, x, m, draws)))
     return plan

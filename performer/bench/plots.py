@@ -17,6 +17,7 @@ from performer.bench.report import (_attention_groups, attention_crossovers, com
 
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
+         "cpp++": dict(color="tab:cyan", marker="v"),
          "step": dict(color="tab:blue", marker="o"), "step_torch": dict(color="tab:green", marker="^")}
 DTYPE_LINES = ("-", "--", ":", "-.")
 DTYPE_HATCHES = (None, "//", "..", "xx")
@@ -159,18 +160,29 @@ def matmul(payload: dict, path: str) -> str:
 
 
 def accuracy(payload: dict, path: str) -> str:
-    rows = pivot(payload["records"], "accuracy", ("temperature", "num_features"))
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for temperature, color in zip(dict.fromkeys(t for t, _ in rows), ("tab:blue", "tab:orange", "tab:green")):
-        pts = sorted((m, by["favor"]) for (t, m), by in rows.items() if t == temperature)
-        ax.errorbar([m for m, _ in pts], [x["rel_error"] for _, x in pts], yerr=[x["rel_error_spread"] / 2 for _, x in pts],
-                    marker="o", capsize=3, color=color, label=f"FAVOR+, q, k ~ {temperature}·N(0, 1)")
-        ax.axhline(pts[0][1]["uniform_rel_error"], color=color, linestyle="--",
-                   label=f"uniform average of v (the line to beat), scale {temperature}")
-    _log_axes(ax, [m for _, m in rows], "number of random features m", "relative error ‖FAVOR+ − exact‖ / ‖exact‖", "")
-    title = ("FAVOR+ error vs exact softmax attention, lower is better\n(L={L}, E={dim}, H={heads}, {dtype}; bars: spread of {draws} "
-             "feature draws)".format(**payload["suites"]["accuracy"]["settings"]))
-    return _save(fig, payload, path, title, legend_from=ax)
+    rows = pivot(payload["records"], "accuracy", ("inputs", "temperature", "num_features"))
+    panels = list(dict.fromkeys((name, t) for name, t, _ in rows))
+    impls = present_impls(payload["records"], "accuracy")
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(5 * cols, 4.2 * ((len(panels) + cols - 1)
+                                                                                             // cols)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, t) in zip(axes.flat, panels):
+        for impl, color in zip(impls, colors):
+            pts = sorted((m, by[impl.name]) for (n, tt, m), by in rows.items() if (n, tt) == (name, t) and impl.name in by)
+            ax.errorbar([m for m, _ in pts], [x["rel_error"] for _, x in pts],
+                        yerr=[x["rel_error_spread"] / 2 for _, x in pts], marker="o", capsize=3, color=color,
+                        label=impl.label)
+        first = next(by for (n, tt, _), by in rows.items() if (n, tt) == (name, t))
+        ax.axhline(next(iter(first.values()))["uniform_rel_error"], color="gray", linestyle="--",
+                   label="uniform average of v (the line to beat)")
+        _log_axes(ax, [m for n, tt, m in rows if (n, tt) == (name, t)], "number of random features m",
+                  "relative error to exact", f"{name}, scale {t}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    title = ("Error vs exact softmax attention, lower is better\n(L={L}, E={dim}, H={heads}, {dtype}; median and spread "
+             "of {draws} feature draws)".format(**payload["suites"]["accuracy"]["settings"]))
+    return _save(fig, payload, path, title, legend_from=axes[0, 0])
 
 
 def decode(payload: dict, path: str) -> str:

@@ -57,6 +57,23 @@ def _favor(backend: str) -> Callable:
     return run
 
 
+def _favor_mapped(**map_options):
+    """FAVOR with a FeatureMap on the C++ kernels: bidirectional calls take the statistics of their
+    inputs; causal ones a map frozen once per input shape (as a calibrated model has)."""
+    frozen = {}
+
+    def run(q, k, v, causal, features):
+        feature_map = performer.FeatureMap(**map_options)
+        if causal:
+            key = (tuple(q.shape), tuple(k.shape), q.dtype)
+            if key not in frozen:
+                frozen[key] = feature_map.freeze(q.detach(), k.detach())
+            feature_map = frozen[key]
+        return performer.favor_attention(q, k, v, is_causal=causal, features=features, feature_map=feature_map,
+                                         backend="cpp")
+    return run
+
+
 def _sdpa(q, k, v, causal, features):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -84,6 +101,8 @@ ATTENTION = AttentionSuite(
     lengths=Sizes(full=(512, 1024, 2048, 4096, 8192, 16384, 32768, 65536), quick=(512, 1024, 2048, 4096)),
     dtypes=("float32",),
     impls=(Impl("cpp", "performer", "FAVOR+ performer (C++)", _favor("cpp")),
+           Impl("cpp++", "FAVOR++", "FAVOR++ rescaled, keys centered, performer (C++)", _favor_mapped(),
+                vs=("cpp", "sdpa")),
            Impl("sdpa", "SDPA", "torch SDPA (exact)", _sdpa, baseline=True, max_size=16384),
            _TORCH_FAVOR))
 
@@ -162,20 +181,55 @@ MATMUL = MatmulSuite(
 
 
 @dataclass(frozen=True)
+class AccuracyInputs:
+    """q and k are temperature * N(0, 1) (v is N(0, 1)), then optionally made anisotropic (per
+    dimension, q scaled by e^N(0, 1) and k by its inverse, as in trained attention) or given a
+    shared key offset (N(0, 1) per head, added to every key)."""
+    name: str
+    temperature: float
+    anisotropic: bool = False
+    offset: bool = False
+
+
+def _estimator(sampler: str = "orthogonal", antithetic: bool = False, **feature_map):
+    """fn(m, dim, generator, dtype) -> (features, FeatureMap) for the accuracy suite."""
+    def make(m, dim, generator, dtype):
+        draw = performer.simplex_features if sampler == "simplex" else performer.orthogonal_features
+        features = draw(m, dim, generator=generator, dtype=dtype, antithetic=antithetic)
+        return features, performer.FeatureMap(**dict(dict(kind="favor+", rescale=False, center_keys=False),
+                                                     **feature_map))
+    return make
+
+
+@dataclass(frozen=True)
 class AccuracySuite:
     length: int
     heads: int
     dim: int
-    temperatures: tuple[float, ...]  # q and k are temperature * N(0, 1)
+    inputs: tuple[AccuracyInputs, ...]
     num_features: Sizes
-    draws: int                       # independent feature draws per point
+    draws: Sizes                     # independent feature draws per point
     dtype: str
+    impls: tuple[Impl, ...]          # the estimators: fn(m, dim, generator, dtype) -> (features, FeatureMap)
 
 
 # A property of the approximation, not of a device: computed on the CPU in float64.
-ACCURACY = AccuracySuite(length=1024, heads=4, dim=64, temperatures=(0.25, 0.5),
-                         num_features=Sizes(full=(16, 64, 256, 1024, 4096), quick=(64, 256, 1024)),
-                         draws=3, dtype="float64")
+ACCURACY = AccuracySuite(
+    length=1024, heads=4, dim=64,
+    inputs=(AccuracyInputs("isotropic", 0.25), AccuracyInputs("isotropic", 0.5),
+            AccuracyInputs("anisotropic", 0.25, anisotropic=True), AccuracyInputs("anisotropic", 0.5, anisotropic=True),
+            AccuracyInputs("key offset", 0.5, offset=True)),
+    num_features=Sizes(full=(16, 64, 256, 1024, 4096), quick=(256,)),
+    draws=Sizes(full=(10,), quick=(3,)), dtype="float64",
+    impls=(Impl("favor+", "FAVOR+", "FAVOR+ (orthogonal features)", _estimator(), baseline=True),
+           Impl("simplex", "simplex", "FAVOR+, simplex features", _estimator("simplex")),
+           Impl("favor++", "FAVOR++", "FAVOR++", _estimator(kind="favor++")),
+           Impl("favor++ antithetic", "FAVOR++ anti", "FAVOR++, antithetic orthogonal features",
+                _estimator(antithetic=True, kind="favor++")),
+           Impl("rescale+center", "rescale+center", "FAVOR+, rescaled, keys centered",
+                _estimator(rescale=True, center_keys=True)),
+           Impl("all", "all", "FAVOR++, antithetic, rescaled, keys centered",
+                _estimator(antithetic=True, kind="favor++", rescale=True, center_keys=True))))
 
 
 @dataclass(frozen=True)

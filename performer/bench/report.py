@@ -61,6 +61,13 @@ def _roles(impls: list[registry.Impl]):
     return [i for i in impls if not i.baseline], [i for i in impls if i.baseline]
 
 
+def _pairs(impls: list[registry.Impl]) -> list[tuple[registry.Impl, registry.Impl]]:
+    """(subject, reference) for the speed-up columns: each subject against the impls its ``vs``
+    names, or against every baseline."""
+    subjects, baselines = _roles(impls)
+    return [(s, b) for s in subjects for b in ([i for i in impls if i.name in s.vs] if s.vs else baselines)]
+
+
 def crossover(points: list[tuple[int, float, float]]) -> dict:
     """Where FAVOR+ becomes faster than SDPA, from (L, favor_ms, sdpa_ms) sorted by L: the L where
     the time ratio crosses 1, interpolated on log-log axes between the two lengths around it."""
@@ -101,7 +108,8 @@ def _attention_groups(records) -> dict[tuple, dict[int, dict]]:
 
 def attention_section(records: list[dict], settings: dict) -> str:
     impls = present_impls(records, "attention")
-    subjects, baselines = _roles(impls)
+    subjects, _ = _roles(impls)
+    pairs = _pairs(impls)
     rows = pivot(records, "attention", ("dtype", "causal", "mode", "L"))
     shape = "B={batch} H={heads} E=Ev={dim} m={num_features}".format(**settings)
     out = []
@@ -109,13 +117,13 @@ def attention_section(records: list[dict], settings: dict) -> str:
     for dtype in dict.fromkeys(key[0] for key in rows):
         keyed = [(key, by) for key, by in rows.items() if key[0] == dtype]
         time_rows = [[str(L), "yes" if causal else "no", mode, *(fmt_ms(by.get(i.name)) for i in impls),
-                      *(speedup(by, s.name, b.name) for s in subjects for b in baselines),
+                      *(speedup(by, s.name, b.name) for s, b in pairs),
                       *(fmt_gflops(by.get(s.name)) for s in subjects),
                       *(percent_of_peak(by.get(s.name), peak) for s in subjects if peak)]
                      for (_, causal, mode, L), by in keyed]
         out += [f"### Attention time, {shape}, {dtype} (ms per call, median of repeats)", "",
                 md_table(["L", "causal", "mode", *(f"{i.short} ms" for i in impls),
-                          *(f"{s.short} vs {b.short}" for s in subjects for b in baselines),
+                          *(f"{s.short} vs {b.short}" for s, b in pairs),
                           *(f"{s.short} GFLOP/s" for s in subjects),
                           *(f"{s.short} % of peak" for s in subjects if peak)], time_rows, left=3),
                 "", NOISY_NOTE, "", FLOPS_NOTE + (peak_line(peak, records, "attention") if peak else ""), ""]
@@ -169,16 +177,22 @@ def matmul_section(records: list[dict], settings: dict) -> str:
 
 
 def accuracy_section(records: list[dict], settings: dict) -> str:
-    rows = [[f"{t}", str(m), f"{x['rel_error']:.4f}", f"{x['rel_error_spread']:.4f}", f"{x['uniform_rel_error']:.4f}",
-             "yes" if x["rel_error"] < x["uniform_rel_error"] else "no"]
-            for (t, m), by in pivot(records, "accuracy", ("temperature", "num_features")).items()
-            for x in [by["favor"]]]
+    impls = present_impls(records, "accuracy")
+    rows = []
+    for (name, t, m), by in pivot(records, "accuracy", ("inputs", "temperature", "num_features")).items():
+        base = by.get("favor+", {}).get("rel_error")
+        uniform = next(iter(by.values()))["uniform_rel_error"]
+        best = min((x["rel_error"], n) for n, x in by.items())
+        rows.append([name, f"{t}", str(m), *(f"{by[i.name]['rel_error']:.4f}" if i.name in by else "-" for i in impls),
+                     f"{uniform:.4f}", best[1], f"{best[0] / base:.3f}" if base else "-",
+                     "yes" if best[0] < uniform else "no"])
+    headers = ["inputs", "scale", "m", *(i.short for i in impls), "uniform average", "best", "best / FAVOR+",
+               "best beats uniform"]
     return "\n".join([
-        "### Accuracy: relative error of FAVOR+ to exact attention, L={L} E={dim} H={heads}, {dtype}".format(**settings),
-        "", f"Median over {settings['draws']} feature draws, with the spread (max - min) of the draws. The uniform "
-        "average of the values is the error to beat.", "",
-        md_table(["input scale", "m", "relative error", "spread", "uniform-average error", "beats uniform"], rows,
-                 left=0), ""])
+        "### Accuracy: relative error to exact attention, L={L} E={dim} H={heads}, {dtype}".format(**settings),
+        "", f"Median over {settings['draws']} feature draws of ||estimate - exact|| / ||exact||. The uniform average "
+        "of the values is the error to beat. Estimators: " + "; ".join(f"{i.short}: {i.label}" for i in impls) + ".",
+        "", md_table(headers, rows, left=3), ""])
 
 
 def decode_section(records: list[dict], settings: dict) -> str:
@@ -224,8 +238,8 @@ COMPRESS_NOTE = ("density: the fraction of blocks kept. x density: the speed-up 
 
 def compress_section(records: list[dict], settings: dict) -> str:
     impls = present_impls(records, "compress")
-    subjects, baselines = _roles(impls)
-    pairs = [(s, b) for s in subjects for b in baselines if not s.vs or b.name in s.vs]
+    subjects, _ = _roles(impls)
+    pairs = _pairs(impls)
     rows = compress_rows(records)
     dense = registry.impls("compress")[registry.COMPRESS.dense].short
     out = []
