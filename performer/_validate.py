@@ -184,7 +184,6 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         raise ValueError(f"is_causal=True needs at most as many queries as keys (L <= S, the queries being the "
                          f"last L positions); got L={L}, S={S}")
 
-
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):

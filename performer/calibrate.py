@@ -97,6 +97,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
         if not params:
             raise ValueError("calibrate has nothing to train: feature_map=False, train_features=False and no "
                              "trainable feature map")
+        for p in params:  # features trained by an earlier calibrate were frozen with the rest above
+            p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=lr)
         losses = []
         batch = first
@@ -106,6 +108,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
             terms: list[torch.Tensor] = []
             with _hooked(modules, _matching(terms)):
                 _run(model, batch)
+            if not terms:
+                raise ValueError(f"calibration batch {step} reached no FAVOR module of the model")
             loss = torch.stack(terms).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

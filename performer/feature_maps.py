@@ -58,7 +58,8 @@ def favor_pp_coefficient(rho: torch.Tensor) -> torch.Tensor:
 class FeatureMap(nn.Module):
     """The choice of positive random features for the FAVOR modules: ``kind`` "favor+" (the
     Performer's) or "favor++", optionally with ``rescale`` (per-dimension Psi) and ``center_keys``.
-    ``FeatureMap()`` is plain FAVOR+ and changes nothing. See the module docstring for the math.
+    The default ``FeatureMap()`` is FAVOR++ with both; ``FeatureMap("favor+", rescale=False,
+    center_keys=False)`` is plain FAVOR+ and changes nothing. See the module docstring for the math.
 
     Frozen statistics (buffers, or parameters when trainable; saved in the state_dict): ``key_mean``
     (Hk, E), ``log_psi`` (Hk, E) and ``coef_a`` (Hk,), set by ``freeze``; until then the statistics
@@ -89,39 +90,47 @@ class FeatureMap(nn.Module):
 
     # ---- statistics ---------------------------------------------------------------------------
 
-    def statistics(self, x: torch.Tensor, y: torch.Tensor, key_padding_mask: Optional[torch.Tensor]):
-        """(key mean (B, Hk, E), log Psi (B, Hk, E), A (B, Hk)) of scaled queries x (B, H, L, E) and
-        keys y (B, Hk, S, E) over the visible keys, in x's dtype, without gradient; identities for
-        the parts this map does not use."""
-        x, y = x.detach(), y.detach()
-        B, H, L, E = x.shape
-        Hk, S = y.shape[1], y.shape[2]
-        groups = H // Hk
-        visible = (torch.ones(B, S, dtype=x.dtype, device=x.device) if key_padding_mask is None
-                   else (~key_padding_mask).to(x.dtype))[:, None, :, None]           # (B, 1, S, 1)
-        count = visible.sum(dim=2).clamp_min(1)                                      # (B, 1, 1)
-        mean = (y * visible).sum(dim=2) / count if self.center_keys else y.new_zeros(B, Hk, E)
-        y = y - mean[:, :, None, :]
-        xg = x.reshape(B, Hk, groups * L, E)
-        if self.rescale:
-            ky = (y * y * visible).sum(dim=2) / count                               # mean y^2 per dim
-            qx = (xg * xg).mean(dim=2) if L else torch.zeros_like(ky)
-            tiny = torch.finfo(x.dtype).tiny
-            log_psi = 0.25 * (torch.log(ky + tiny) - torch.log(qx + tiny))
-            log_psi = torch.where((ky > 0) & (qx > 0), log_psi, torch.zeros_like(log_psi))
+    def statistics(self, query: torch.Tensor, key: torch.Tensor, scale: float,
+                   key_padding_mask: Optional[torch.Tensor]):
+        """(key mean (B, Hk, E), log Psi (B, Hk, E), A (B, Hk)) of the scaled queries
+        x = sqrt(scale) query (B, H, L, E) and keys y = sqrt(scale) key (B, Hk, S, E), the keys over
+        the visible ones, without gradient; identities for the parts this map does not use. All of
+        them follow from the per-dimension first and second moments of x and y (four reductions,
+        no copy of the inputs without a padding mask)."""
+        query, key = query.detach(), key.detach()
+        B, H, L, E = query.shape
+        Hk, S = key.shape[1], key.shape[2]
+        acc = _acc(query)
+        c2 = scale
+        x_mean, x_sq = _moments(query.reshape(B, Hk, (H // Hk) * L, E), acc)
+        if key_padding_mask is None:
+            y_mean, y_sq = _moments(key, acc)
         else:
-            log_psi = y.new_zeros(B, Hk, E)
+            k_acc = key.to(acc)
+            visible = (~key_padding_mask).to(acc)[:, None, None, :]                   # (B, 1, 1, S)
+            count = visible.sum(-1).clamp_min(1)                                      # (B, 1, 1)
+            y_mean = (visible @ k_acc).squeeze(2) / count
+            y_sq = (visible @ k_acc.square()).squeeze(2) / count
+        x_mean, x_sq = x_mean * c2 ** 0.5, x_sq * c2                                  # moments of x = c q
+        y_mean, y_sq = y_mean * c2 ** 0.5, y_sq * c2
+        if self.center_keys:
+            mean, y_sq, y_mean = y_mean, (y_sq - y_mean * y_mean).clamp_min(0), torch.zeros_like(y_mean)
+        else:
+            mean = torch.zeros_like(y_mean)
+        if self.rescale:
+            ok = (y_sq > 0) & (x_sq > 0)
+            log_psi = torch.where(ok, 0.25 * (torch.log(torch.where(ok, y_sq, 1.0)) - torch.log(torch.where(ok, x_sq, 1.0))),
+                                  torch.zeros_like(y_sq))
+        else:
+            log_psi = torch.zeros_like(y_sq)
         if self.kind == "favor++":
-            psi = torch.exp(log_psi)
-            xs, ys = xg * psi[:, :, None, :], y / psi[:, :, None, :]
-            sq_x = (xs * xs).sum(-1).mean(-1) if L else xs.new_zeros(B, Hk)
-            sq_y = ((ys * ys).sum(-1, keepdim=True) * visible).sum(2).squeeze(-1) / count.squeeze(-1)
-            mx = xs.mean(2) if L else xs.new_zeros(B, Hk, E)
-            my = (ys * visible).sum(2) / count
-            rho = ((sq_x + sq_y + 2 * (mx * my).sum(-1)) / E).clamp_min(0)
+            psi2 = torch.exp(2 * log_psi)
+            # mean |x + y|^2 over the pairs, after rescaling: sum_e (E[x_e^2] psi_e^2 + E[y_e^2] / psi_e^2
+            # + 2 E[x_e] E[y_e])
+            rho = ((x_sq * psi2 + y_sq / psi2 + 2 * x_mean * y_mean).sum(-1) / E).clamp_min(0)
             a = favor_pp_coefficient(rho)
         else:
-            a = y.new_zeros(B, Hk)
+            a = y_sq.new_zeros(B, Hk)
         return mean, log_psi, a
 
     @torch.no_grad()
@@ -131,8 +140,7 @@ class FeatureMap(nn.Module):
         over the batch (representative data, e.g. a calibration batch or a prompt), per key head;
         ``scale`` as for favor_attention. ``trainable=True`` makes them nn.Parameters (for
         ``performer.calibrate``). Returns self."""
-        x, y = _scaled(query, key, scale)
-        mean, log_psi, a = self.statistics(x, y, key_padding_mask)
+        mean, log_psi, a = self.statistics(query, key, _check_scale(query, scale), key_padding_mask)
         values = dict(key_mean=mean.mean(0), log_psi=log_psi.mean(0), coef_a=a.mean(0))
         for name, value in values.items():
             self._parameters.pop(name, None)
@@ -166,12 +174,13 @@ class FeatureMap(nn.Module):
         if features.dim() > 4 or (lead and lead[-1] not in (1, Hk)) or (len(lead) == 2 and lead[0] not in (1, B)):
             raise ValueError(f"features must have shape (m, E), (Hk, m, E) or (B, Hk, m, E) with Hk={Hk} and B={B} "
                              f"(or 1) for a feature map; got shape {tuple(features.shape)}")
-        x, y = _scaled(query, key, scale)
+        scale = _check_scale(query, scale)
+        c = math.sqrt(scale)
         if self.is_identity:
-            return Prepared(x, y, features, None)
-        B, Hk, E = y.shape[0], y.shape[1], y.shape[3]
+            return Prepared(query * c, key * c, features, None)
+        E, acc = key.shape[3], _acc(query)
         if self.frozen:
-            mean, log_psi, a = (t.to(x.dtype) for t in (self.key_mean, self.log_psi, self.coef_a))
+            mean, log_psi, a = (t.to(acc) for t in (self.key_mean, self.log_psi, self.coef_a))
             if mean.shape != (Hk, E):
                 raise ValueError(f"this FeatureMap was frozen for {mean.shape[0]} key heads of size {mean.shape[1]}; "
                                  f"got key of shape {tuple(key.shape)} (Hk={Hk}, E={E})")
@@ -187,17 +196,14 @@ class FeatureMap(nn.Module):
                              "each position see later ones): call feature_map.freeze(query, key) on representative "
                              "data, or performer.calibrate(model, ...)")
         else:
-            mean, log_psi, a = self.statistics(x, y, key_padding_mask)
-        groups = query.shape[1] // Hk
-        if self.center_keys:
-            y = y - mean[:, :, None, :]
-        if self.rescale:
-            psi = torch.exp(log_psi)[:, :, None, :]
-            x = x * psi.repeat_interleave(groups, dim=1)
-            y = y / psi
+            mean, log_psi, a = self.statistics(query, key, scale, key_padding_mask)
+        # One pass over each input: x = c psi q, y = (c k - mean) / psi, in the inputs' dtype.
+        psi = torch.exp(log_psi)[:, :, None, :]                                       # (Bs, Hk, 1, E)
+        dt = query.dtype
+        x = query * (c * psi).repeat_interleave(query.shape[1] // Hk, dim=1).to(dt)
+        y = torch.addcmul((-(mean[:, :, None, :] / psi)).to(dt), key, (c / psi).to(dt))
         if self.kind == "favor+":
             return Prepared(x, y, features, None)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         w = features.to(acc)
         w = w if w.dim() in (2, 4) else w[None]                                      # (m, E) or (Bf, Hf, m, E)
         a = a.to(acc)
@@ -207,10 +213,23 @@ class FeatureMap(nn.Module):
         return Prepared(x, y, scaled, bias)
 
 
-def _scaled(query: torch.Tensor, key: torch.Tensor, scale: Optional[float]):
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _moments(t: torch.Tensor, acc: torch.dtype):
+    """Per-dimension mean and mean square over dim 2 of (B, Hk, N, E) (zeros if N = 0): two reductions,
+    no copy."""
+    if t.shape[2] == 0:
+        zero = t.new_zeros(t.shape[0], t.shape[1], t.shape[3], dtype=acc)
+        return zero, zero
+    n = t.shape[2]
+    return t.sum(2, dtype=acc) / n, torch.linalg.vector_norm(t, dim=2, dtype=acc).square() / n
+
+
+def _check_scale(query: torch.Tensor, scale: Optional[float]) -> float:
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
+        return 1.0 / math.sqrt(query.shape[-1])
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be positive and finite; got {scale!r}")
-    c = math.sqrt(scale)
-    return query * c, key * c
+    return float(scale)

@@ -120,3 +120,12 @@ def test_calibrate_errors():
         performer.calibrate(model, _batches(), lr=-1.0)
     with pytest.raises(ValueError, match="calibrate has nothing to train"):
         performer.calibrate(model, _batches(), feature_map=False, train_features=False)
+
+
+def test_calibrating_twice_goes_on_training():
+    model = performer.convert(_encoder(), num_features=8, generator=torch.Generator().manual_seed(0))
+    first = performer.calibrate(model, _batches(), steps=20)
+    second = performer.calibrate(model, _batches(), steps=20)
+    assert second["loss_last"] < first["loss_first"]
+    attn = next(m for m in model.modules() if isinstance(m, performer.PerformerAttention))
+    assert attn.features.requires_grad and attn.features.shape == (4, 8, 8)
