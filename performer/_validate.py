@@ -184,11 +184,11 @@ def validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, fe
         raise ValueError(f"is_causal=True needs at most as many queries as keys (L <= S, the queries being the "
                          f"last L positions); got L={L}, S={S}")
 
-    if scale is None:
+    if scale is None:  # the default needs no check (and E may be symbolic under torch.compile)
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
-    if not (scale > 0 and math.isfinite(scale)):
+    elif not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be positive and finite (FAVOR+ applies sqrt(scale) to query and key); "
                          f"got {scale}")
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import performer
-import performer.nn.attention as attention_module
+import performer.nn.features as features_module
 
 E, HEADS, N, L, S = 16, 4, 3, 7, 9
 DOUBLE = dict(dtype=torch.float64)
@@ -16,7 +16,7 @@ def randn(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def exact_attention(q, k, v, *, is_causal, features, key_padding_mask, kernel):
+def exact_attention(q, k, v, *, is_causal, features, key_padding_mask, kernel, feature_map=None):
     """favor_attention's signature, softmax attention's values: makes PerformerAttention compute
     what nn.MultiheadAttention computes, so that everything around the core can be compared exactly."""
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
@@ -56,7 +56,7 @@ PADDING = torch.tensor([[False] * S, [False] * (S - 3) + [True] * 3, [True, Fals
                          ids=["packed", "kdim_vdim", "bias_kv_zero_attn", "no_bias", "zero_attn_kdim"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 def test_cross_attention_matches_mha_around_the_core(monkeypatch, batch_first, options, mask_form):
-    monkeypatch.setattr(attention_module, "favor_attention", exact_attention)
+    monkeypatch.setattr(features_module, "favor_attention", exact_attention)
     mha, pa = module_pair(batch_first=batch_first, **options)
     q, k, v = inputs(batch_first, options.get("kdim", E), options.get("vdim", E))
     mask = {None: None, "bool": PADDING, "float": torch.zeros(N, S, **DOUBLE).masked_fill(PADDING, float("-inf"))}
@@ -79,7 +79,7 @@ CAUSAL_FORMS = {
 @pytest.mark.parametrize("form", CAUSAL_FORMS)
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
 def test_causal_self_attention_matches_mha_around_the_core(monkeypatch, batch_first, form):
-    monkeypatch.setattr(attention_module, "favor_attention", exact_attention)
+    monkeypatch.setattr(features_module, "favor_attention", exact_attention)
     mha, pa = module_pair(batch_first=batch_first)
     x = inputs(batch_first)[0]
     causal_mask = torch.ones(L, L, dtype=torch.bool).triu(1)
@@ -90,7 +90,7 @@ def test_causal_self_attention_matches_mha_around_the_core(monkeypatch, batch_fi
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_unbatched_input_matches_mha_around_the_core(monkeypatch, causal):
-    monkeypatch.setattr(attention_module, "favor_attention", exact_attention)
+    monkeypatch.setattr(features_module, "favor_attention", exact_attention)
     mha, pa = module_pair(batch_first=True)
     if causal:
         x = inputs(True, unbatched=True)[0]

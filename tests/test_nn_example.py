@@ -18,5 +18,5 @@ def test_convert_and_finetune_example_recovers_the_loss():
     before, converted, calibrated, tuned = (losses[k] for k in ("before conversion", "right after conversion",
                                                                 "after calibration", "after fine-tuning"))
     assert converted > before + 0.2, result.stdout
-    assert calibrated < 0.2 * converted, result.stdout
+    assert calibrated - before < 0.2 * (converted - before), result.stdout  # most of the jump undone
     assert tuned < before + 0.1 * (converted - before), result.stdout

@@ -12,7 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._validate import validate_attention_config, validate_attention_inputs
 from ..feature_maps import FeatureMap
-from ..ops.favor import FavorState, favor_attention, favor_attention_step
+from ..ops.favor import FavorState, favor_attention_step
 from .features import RandomFeatures
 
 
