@@ -142,6 +142,12 @@ class _Site:
 
 
 def _sites(model: nn.Module) -> list[_Site]:
+    from .nn.attention import FastAttention, PerformerAttention
+    others = sorted({type(m).__qualname__ for m in model.modules()
+                     if isinstance(m, RandomFeatures) and not isinstance(m, (FastAttention, PerformerAttention))})
+    if others:
+        raise ValueError(f"calibrate fits PerformerAttention, FastAttention and Hugging Face FAVOR attention; this "
+                         f"model also holds {', '.join(others)} (timm's converted attention is not supported yet)")
     sites = [_Site(m, "features", "feature_map", m.kernel) for m in model.modules() if isinstance(m, RandomFeatures)]
     if "transformers" in sys.modules:  # a Hugging Face model can only come with transformers imported
         try:

@@ -266,3 +266,9 @@ def test_redraw_and_generator_make_features_reproducible():
     before = a.blocks[0].attn.features.clone()
     a.blocks[0].attn.redraw_features(torch.Generator().manual_seed(9))
     assert not torch.equal(before, a.blocks[0].attn.features)
+
+
+def test_calibrate_refuses_timm_attention_by_name():
+    converted = favor_timm.convert(make(Attention), num_features=8)
+    with pytest.raises(ValueError, match="timm's converted attention is not supported yet"):
+        performer.calibrate(converted, [inputs()])

@@ -38,7 +38,7 @@ class FastAttention(RandomFeatures):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._attend(q, k, v, self.causal, key_padding_mask)
+        return self._run_favor(q, k, v, self.causal, key_padding_mask)
 
     def extra_repr(self) -> str:
         return (f"dim_head={self.features.shape[1]}, num_features={self.num_features}, causal={self.causal}, "
@@ -188,7 +188,7 @@ class PerformerAttention(RandomFeatures):
             out, cache.state = favor_attention_step(q, k, v, cache.state, features=self._features_for_forward(),
                                                     kernel=self.kernel, key_padding_mask=mask, inplace=True)
         else:
-            out = self._attend(q, k, v, x.causal, mask)
+            out = self._run_favor(q, k, v, x.causal, mask)
         out = F.dropout(out.transpose(1, 2).flatten(2), self.dropout, self.training)  # (N, L, E)
         return x.to_caller_layout(self.out_proj(out)), None
 

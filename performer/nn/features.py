@@ -109,7 +109,7 @@ class RandomFeatures(nn.Module):
             self._count_training_forward()
         return self.features
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+    def _run_favor(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """favor_attention with this module's features and feature map; while ``performer.calibrate``
         runs, its hook (``_calibration``) gets the inputs and the computation, and decides the output."""
