@@ -18,6 +18,7 @@ from .nn.features import RandomFeatures
 
 log = logging.getLogger("performer")
 
+
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                     key_padding_mask: Optional[torch.Tensor], scale: Optional[float] = None) -> torch.Tensor:
     """Softmax attention with favor_attention's conventions (any (..., N, D) layout it takes,
@@ -30,7 +31,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     L, S = q4.shape[2], k4.shape[2]
     allowed = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
+        allowed = allowed.tril(diagonal=S - L)
     allowed = allowed[None, None]
     if a.key_padding_mask is not None:
         allowed = allowed & ~a.key_padding_mask[:, None, None, :]
