@@ -213,6 +213,30 @@ def test_rescaling_and_centering_leave_exact_attention_unchanged(rescale, center
         torch.testing.assert_close(x2, y2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_statistics_match_their_plain_formulas(dtype, monkeypatch):
+    """The moments behind the statistics (summed a block of rows at a time: a small block forces
+    several and a ragged last one) on non-contiguous inputs, against the plain formulas in float64."""
+    import performer.feature_maps as fm
+    monkeypatch.setattr(fm, "_SQUARE_BLOCK", 3 * 2 * 16)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 16, 41, generator=g, dtype=torch.float64).transpose(2, 3)   # (2, 4, 41, 16)
+    k = torch.randn(2, 2, 16, 41, generator=g, dtype=torch.float64).transpose(2, 3) + 0.5
+    q, k = q.to(dtype), k.to(dtype)
+    scale = 0.3
+    mean, log_psi, a = FeatureMap().statistics(q, k, scale, None)
+    x = q.double().reshape(2, 2, 82, 16) * scale ** 0.5
+    y = k.double() * scale ** 0.5
+    y_mean = y.mean(2)
+    y_var = (y - y_mean[:, :, None]).square().mean(2)
+    psi = (y_var / x.square().mean(2)) ** 0.25
+    rho = ((x * psi[:, :, None]).square().mean(2) + y_var / psi ** 2).sum(-1) / 16
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean.double(), y_mean, **tol)
+    torch.testing.assert_close(log_psi.double(), psi.log(), **tol)
+    torch.testing.assert_close(a.double(), favor_pp_coefficient(rho), **tol)
+
+
 def test_favor_pp_estimate_is_unbiased():
     """D^2 phi(x).phi(y) with the prepared features and bias estimates exp(x.y) without bias for
     i.i.d. Gaussian rows (A < 0 from the statistics)."""
