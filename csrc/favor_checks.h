@@ -99,7 +99,7 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
 inline void check_shared_features(const FavorInputs& in, const char* op) {
   PERFORMER_CHECK_VALUE(in.Bf == 1 && in.Hf == 1 && !in.bias.defined(), "features",
                         "be one (m, E) matrix without feature_bias in ", op,
-                        " (per-head features and feature_bias run on the CPU kernels and the plain-PyTorch backend)",
+                        " (per-head features and feature_bias are for performer.favor_attention)",
                         "; got ", "features of shape ", in.features.sizes(),
                         in.bias.defined() ? " with feature_bias" : "");
 }

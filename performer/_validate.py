@@ -82,12 +82,6 @@ class FavorArgs:
     feature_bias: Optional[torch.Tensor] = None
 
     @property
-    def plain_features(self) -> bool:
-        """One (m, E) matrix of constant features without a bias: what every backend takes."""
-        return (self.features.dim() == 2 and self.feature_bias is None
-                and not (torch.is_grad_enabled() and self.features.requires_grad))
-
-    @property
     def device(self) -> torch.device:
         return self.q.device
 

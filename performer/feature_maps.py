@@ -1,8 +1,8 @@
 """Lower-variance positive feature maps on top of FAVOR+: what they change, before the kernels run.
 
 Every map here rewrites the inputs of ``favor_attention`` (query, key, features, feature_bias) and
-leaves the kernels alone, so it runs on every backend that takes those inputs (per-head features
-and feature_bias: the C++ CPU kernels and the plain-PyTorch backend). With x = sqrt(scale) q and
+leaves the kernels alone, so it runs on every backend (each takes per-head features and
+feature_bias). With x = sqrt(scale) q and
 y = sqrt(scale) k, the softmax kernel exp(x.y) is estimated by:
 
 - key centering: y -> y - mean(y) over the visible keys of each (batch, key head). Exact for softmax

@@ -70,9 +70,10 @@ def _cubin_usage(cubin: bytes) -> dict:
 def compile_kernel(name: str, dtype: str, E: int, m: int = 256) -> dict:
     """What `name` needs at head size E = Ev and m features, compiled as _Launch would launch it."""
     q = torch.empty(1, 1, 1, E, dtype=TORCH_DTYPES[dtype])
-    launch = ft._Launch(q, q, q, torch.empty(m, E), None, 1.0, "causal" in name, "softmax")
+    launch = ft._Launch(q, q, q, torch.empty(m, E), None, None, 1.0, "causal" in name, "softmax")
     fn = getattr(ft, name)
-    constexprs = {k: v for k, v in {**launch.meta, "HAS_MASK": False}.items() if k in fn.arg_names}
+    constexprs = {k: v for k, v in {**launch.meta, "HAS_MASK": False, "FEAT_GRAD": False}.items()
+                  if k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": launch.launch["num_warps"],

@@ -141,13 +141,32 @@ def _log_den(den, shift):
     return torch.where(den > 0, den.double().log() + shift.double(), torch.zeros_like(shift, dtype=torch.float64))
 
 
-def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale=1.0, dominant=None):
+def _feature_sets(features, layout, B, Hk, seed=3):
+    """features (m, E) -> per key head (1, Hk, m, E) or per batch element and key head (B, Hk, m, E)
+    (each set the shared matrix with its own rows scaled and permuted), with a bias of that shape
+    without E; layout "shared" keeps the matrix and adds no bias."""
+    if layout == "shared":
+        return features, None
+    g = torch.Generator().manual_seed(seed)
+    sets = (B, Hk) if layout == "per_batch_head" else (1, Hk)
+    m, E = features.shape
+    perm = torch.stack([torch.randperm(m, generator=g) for _ in range(sets[0] * sets[1])]).view(*sets, m)
+    scale = (0.7 + 0.6 * torch.rand(*sets, m, 1, generator=g, dtype=torch.float64)).to(features.dtype)
+    w = features[perm] * scale
+    bias = (0.3 * torch.randn(*sets, m, generator=g, dtype=torch.float64)).to(features.dtype)
+    return w, bias
+
+
+def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale=1.0, dominant=None,
+             layout="shared"):
     q, k, v, features, mask = _inputs(shape, dtype, masked, transposed, scale=scale)
     sc = shape[5] ** -0.5
     if dominant is not None:  # one key along a feature: the largest feature value of all keys
         k[:, :, dominant] = (features[0] / math.sqrt(sc)).to(dtype)
-    cpu = torch.ops.performer.favor_forward(q, k, v, features, None, mask, sc, causal, kernel)
-    emu = simt.forward(q, k, v, features, mask, sc, causal, kernel)
+    features, bias = _feature_sets(features, layout, shape[0], shape[2])
+    features_grad = layout != "shared"
+    cpu = torch.ops.performer.favor_forward(q, k, v, features, bias, mask, sc, causal, kernel)
+    emu = simt.forward(q, k, v, features, bias, mask, sc, causal, kernel)
     for name, got, expected in zip(("out", "state", "den", "query_shift", "key_shift"), emu, cpu):
         assert got.dtype == expected.dtype and got.shape == expected.shape, \
             f"{name}: {got.dtype} {tuple(got.shape)}, CPU {expected.dtype} {tuple(expected.shape)}"
@@ -158,15 +177,16 @@ def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale
     else:
         errors["den"], errors["query_shift"] = _error(emu[2], cpu[2]), _error(emu[3], cpu[3])
     grad = torch.randn(cpu[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    cpu_grads = torch.ops.performer.favor_backward(grad, q, k, v, features, None, mask, cpu[0], *cpu[1:], sc, causal,
-                                                   kernel, False)[:3]
-    emu_grads = simt.backward(grad, q, k, v, features, mask, emu[0], *emu[1:], sc, causal, kernel)
-    for name, got, expected in zip(("dq", "dk", "dv"), emu_grads, cpu_grads):
+    cpu_grads = torch.ops.performer.favor_backward(grad, q, k, v, features, bias, mask, cpu[0], *cpu[1:], sc, causal,
+                                                   kernel, features_grad)
+    emu_grads = simt.backward(grad, q, k, v, features, bias, mask, emu[0], *emu[1:], sc, causal, kernel,
+                              features_grad)
+    for name, got, expected in zip(("dq", "dk", "dv", "dfeatures", "dbias"), emu_grads, cpu_grads):
         assert got.dtype == expected.dtype and got.shape == expected.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
         errors[name] = _error(got, expected)
     bad = {n: e for n, e in errors.items() if not e <= (GRAD_TOL if n.startswith("d") else TOL)[dtype]}
     assert not bad, f"emulated CUDA kernels differ from the CPU op: {bad} (all: {errors})"
-    return emu, emu_grads
+    return emu, emu_grads[:3]
 
 
 # Causal attention needs L == S.
@@ -187,6 +207,27 @@ def test_matches_cpu_op(simt, shape, causal, dtype, masked, kernel):
 @pytest.mark.parametrize("shape", ["gqa_odd", "tiles"])
 def test_half_types_match_cpu_op(simt, shape, dtype, causal):
     _compare(simt, SHAPES[shape], dtype, True, causal, "softmax")
+
+
+FEATURE_SET_CASES = [pytest.param(name, causal, id=f"{name}-{'causal' if causal else 'bidir'}")
+                     for name, causal in (("gqa_odd", False), ("gqa_odd", True), ("tiles", False), ("tiles", True),
+                                          ("long_keys", False), ("cross", False))]
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("layout", ["per_head", "per_batch_head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape,causal", FEATURE_SET_CASES)
+def test_feature_sets_bias_and_feature_grads_match_cpu_op(simt, shape, causal, dtype, layout, kernel):
+    """Features per key head or per batch element and key head, with a bias: outputs, statistics and
+    the gradients with respect to q, k, v, the features and the bias."""
+    _compare(simt, SHAPES[shape], dtype, True, causal, kernel, layout=layout)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_feature_sets_in_half_types(simt, dtype, causal):
+    _compare(simt, SHAPES["gqa_odd"], dtype, True, causal, "softmax", layout="per_batch_head")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -228,9 +269,9 @@ def test_thread_order_does_not_change_results(simt, causal):
     for seed in (1, 2):
         simt.seed(seed)
         q, k, v, features, mask = _inputs(SHAPES["gqa_odd"], torch.float32, True)
-        out = simt.forward(q, k, v, features, mask, 0.25, causal, "softmax")
-        grads = simt.backward(torch.ones_like(out[0]), q, k, v, features, mask, out[0], *out[1:], 0.25, causal,
-                              "softmax")
+        out = simt.forward(q, k, v, features, None, mask, 0.25, causal, "softmax")
+        grads = simt.backward(torch.ones_like(out[0]), q, k, v, features, None, mask, out[0], *out[1:], 0.25, causal,
+                              "softmax", False)
         results.append([*out, *grads])
     for a, b in zip(*results):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))

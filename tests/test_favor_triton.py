@@ -97,7 +97,8 @@ def test_statistics_match_the_cpp_op(causal, kernel):
     case = make_case(spec, torch.float32, masked=True)
     args = (case.q, case.k, case.v, case.features, case.key_padding_mask, spec.E ** -0.5, causal, kernel)
     out, state, den, qshift, kshift = torch.ops.performer.favor_forward(*args[:4], None, *args[4:])
-    got = [t.cpu() for t in torch.ops.performer.triton_favor_forward(*_to_device(*args[:5]), *args[5:])]
+    got = [t.cpu() for t in torch.ops.performer.triton_favor_forward(*_to_device(*args[:4]), None,
+                                                                     *_to_device(args[4]), *args[5:])]
     assert torch.equal(got[2] > 0, den > 0), "den: zero in other places"
     log_den = [torch.where(d > 0, d.clamp_min(1e-30).log() + s, 0.0) for d, s in ((got[2], got[3]), (den, qshift))]
     for name, g, w in (("out", got[0], out), ("state", got[1], state), ("log den + query_shift", *log_den),
@@ -191,17 +192,78 @@ def test_strided_key_padding_mask(causal):
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "per_head_bias"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_opcheck(causal):
+def test_opcheck(causal, biased):
     case = make_case(next(s for s in SPECS if s.id == "gqa_odd"), torch.float32, masked=True)
-    q, k, v, w, mask = _to_device(case.q.requires_grad_(), case.k.requires_grad_(), case.v.requires_grad_(),
-                                  case.features, case.key_padding_mask)
-    args = (q, k, v, w, mask, 0.3, causal, "softmax")
+    w, bias = case.features, None
+    if biased:  # per key head, trainable, with a bias
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(case.k.shape[1], *w.shape, generator=g).requires_grad_()
+        bias = (0.3 * torch.randn(w.shape[:-1], generator=g)).requires_grad_()
+    q, k, v, w, bias, mask = _to_device(case.q.requires_grad_(), case.k.requires_grad_(), case.v.requires_grad_(),
+                                        w, bias, case.key_padding_mask)
+    args = (q, k, v, w, bias, mask, 0.3, causal, "softmax")
     torch.library.opcheck(torch.ops.performer.triton_favor_forward.default, args)
     out, *stats = (t.detach() for t in torch.ops.performer.triton_favor_forward(*args))
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    detached = [t.detach() if t is not None else None for t in (q, k, v, w, bias)]
     torch.library.opcheck(torch.ops.performer.triton_favor_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), w, mask, out, *stats, 0.3, causal, "softmax"))
+                          (grad_out, *detached, mask, out, *stats, 0.3, causal, "softmax", biased))
+
+
+# (layout of the features, kernel): per batch element and key head with the softmax kernel, per
+# key head with relu (both with a bias); GQA, odd sizes, 37 rows (three 16-row chunks), 20 features
+# (two 16-feature blocks under the interpreter), a padding mask.
+FEATURE_SETS = [("per_batch_head", "softmax"), ("per_head", "relu")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("layout,kernel", FEATURE_SETS, ids=[f"{a}-{b}" for a, b in FEATURE_SETS])
+def test_per_head_features_bias_and_their_grads(layout, kernel, causal, dtype):
+    """Outputs and the gradients with respect to q, k, v, the features and the bias against the
+    float64 dense reference (relative error of each whole tensor)."""
+    from performer.ops.favor.reference import favor_dense
+    g = torch.Generator().manual_seed(7)
+    B, H, Hk, L, E, Ev, m = 2, 4, 2, 37, 7, 5, 20
+    lead = (B, Hk) if layout == "per_batch_head" else (Hk,)
+    q = torch.randn(B, H, L, E, generator=g, dtype=torch.float64)
+    k, v = torch.randn(B, Hk, L, E, generator=g, dtype=torch.float64), torch.randn(B, Hk, L, Ev, generator=g,
+                                                                                  dtype=torch.float64)
+    w = torch.randn(*lead, m, E, generator=g, dtype=torch.float64)
+    bias = 0.3 * torch.randn(*lead, m, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, L, generator=g) < 0.2
+    x = [t.to(dtype).to(DEVICE).requires_grad_() for t in (q, k, v)] + \
+        [t.float().to(DEVICE).requires_grad_() for t in (w, bias)]
+    out = performer.favor_attention(*x[:3], is_causal=causal, features=x[3], feature_bias=x[4],
+                                    key_padding_mask=mask.to(DEVICE), kernel=kernel, backend="triton")
+    x64 = [t.detach().cpu().double().requires_grad_() for t in x]
+    w4 = x64[3] if layout == "per_batch_head" else x64[3][None]
+    b3 = x64[4] if layout == "per_batch_head" else x64[4][None]
+    ref = favor_dense(*x64[:3], w4, mask, E ** -0.5, causal, kernel, b3)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, x, go.to(dtype).to(DEVICE))
+    want = torch.autograd.grad(ref, x64, go)
+    tol = TOLERANCE[dtype] * (1 if dtype == torch.float32 else 3)
+    for name, a, b in [("out", out, ref)] + list(zip(("dq", "dk", "dv", "dfeatures", "dbias"), got, want)):
+        err = ((a.detach().cpu().double() - b).norm() / b.norm()).item()
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def test_feature_map_runs_on_triton():
+    """A FAVOR++ feature map (rescaling, centered keys; bidirectional statistics and frozen causal
+    ones) gives the torch backend's result."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (0.5 * torch.randn(2, 2, 40, 16, generator=g) for _ in range(3))
+    w = performer.orthogonal_features(32, 16, generator=g)
+    fmap = performer.FeatureMap()
+    frozen = performer.FeatureMap().freeze(q, k)
+    for causal, m in ((False, fmap), (True, frozen)):
+        want = performer.favor_attention(q, k, v, is_causal=causal, features=w, feature_map=m, backend="torch")
+        got = performer.favor_attention(*_to_device(q, k, v), is_causal=causal, features=w.to(DEVICE),
+                                        feature_map=m.to(DEVICE), backend="triton")
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -31,6 +31,11 @@
 //   backward_dkdv bidirectional: per key chunk from [dS, dz]. Causal: the reverse sweep per segment
 //                 from [P, p] at its end.
 //   dq, dk, dv accumulate in the accumulation type (a buffer cast at the end for 16-bit inputs).
+//   With features_grad, backward_dq and backward_dkdv also add c dx^T x (x the chunk's q or k rows, dx the
+//   gradient with respect to its logits) and the column sums of dx to the gradients with respect to the
+//   features and their bias, by atomic adds (every block of a feature set adds to it).
+// Features may differ per batch element and key head ((Bf, Hf, m, E), feature_set) and carry a bias added
+// to every logit: project() returns c W x + b.
 // Segments (whole chunks) are chosen so that a pass has about two blocks per SM.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -77,7 +82,11 @@ struct Tiles<double> {
 // Everything a kernel reads. Views are (B, heads, N, D) tensors by element strides.
 struct Params {
   View q, k, v, grad_out, out_saved;
-  const void* W;           // features (m, E), contiguous, acc
+  const void* W;           // features (Bf, Hf, m, E), contiguous, acc: set f = (b if Bf > 1) Hf + (hk if Hf > 1)
+  const void* bias;        // their bias (Bf, Hf, m), contiguous, acc; or null
+  void* dW;                // backward with features_grad: (Bf, Hf, m, E) acc, zero-initialized; or null
+  void* dbias;             // (Bf, Hf, m) acc, zero-initialized; or null
+  int64_t Bf, Hf;
   const bool* mask;        // (B, S) contiguous, true = ignore; or null
   int64_t B, H, Hk, g, L, S, E, Ev, m;
   double c;                // sqrt(scale)
@@ -167,15 +176,22 @@ struct ProjTiles {
   A x0[R][ET + 1], x1[R][ET + 1], w[FT][ET + 1];
 };
 
-// acc0 = X0 W_tile^T (and acc1 = X1 W_tile^T when x1 is given) for the n rows from x0 / x1 (row stride
-// rs, column stride cs; zero rows from n) and features j0 .. j0 + FT (zero past m): (R x FT) fragments.
-// Starts with a barrier, so callers may still be reading the previous tiles.
+// The feature set of batch b, key head hk: its features W (m, E) and bias (m, or null) at offsets
+// set * m * E and set * m.
+__device__ __forceinline__ int64_t feature_set(const Params& p, int64_t b, int64_t hk) {
+  return (p.Bf > 1 ? b : 0) * p.Hf + (p.Hf > 1 ? hk : 0);
+}
+
+// acc0 = c X0 W_tile^T + b_tile (and acc1 likewise when x1 is given) for the n rows from x0 / x1 (row
+// stride rs, column stride cs; zero rows from n) and features j0 .. j0 + FT of feature set `set` (zero
+// past m): (R x FT) fragments of the logits before the softmax kernel's norm term. Starts with a
+// barrier, so callers may still be reading the previous tiles.
 template <class T, class A, int TM, int TN>
-__device__ __forceinline__ void project(ProjTiles<A>& sm, const Params& p, const T* x0, int64_t rs0, int64_t cs0,
-                                        const T* x1, int64_t rs1, int64_t cs1, int64_t n, int64_t j0,
+__device__ __forceinline__ void project(ProjTiles<A>& sm, const Params& p, int64_t set, const T* x0, int64_t rs0,
+                                        int64_t cs0, const T* x1, int64_t rs1, int64_t cs1, int64_t n, int64_t j0,
                                         A (&acc0)[TM][TN], A (&acc1)[TM][TN]) {
   constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, ET = Tiles<A>::ET;
-  const A* W = static_cast<const A*>(p.W);
+  const A* W = static_cast<const A*>(p.W) + set * p.m * p.E;
   zero(acc0);
   zero(acc1);
   if (p.E == 0) __syncthreads();  // the barrier callers rely on
@@ -188,6 +204,11 @@ __device__ __forceinline__ void project(ProjTiles<A>& sm, const Params& p, const
     mma<ET>(acc0, &sm.x0[0][0], ET + 1, 1, &sm.w[0][0], 1, ET + 1);
     if (x1) mma<ET>(acc1, &sm.x1[0][0], ET + 1, 1, &sm.w[0][0], 1, ET + 1);
   }
+  const A c = A(p.c);
+  const A* bias = p.bias ? static_cast<const A*>(p.bias) + set * p.m + j0 : nullptr;
+  auto finish = [&](int, int j, A& v) { v = bias && j0 + j < p.m ? fma(c, v, bias[j]) : c * v; };
+  for_each(acc0, finish);
+  if (x1) for_each(acc1, finish);
 }
 
 // hn[r] = |c x_r|^2 / 2 for the n rows from x (zero past n); a warp per row.
@@ -241,15 +262,15 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) row_max_kernel(Params 
   RowMaxTiles<A>& sm = *reinterpret_cast<RowMaxTiles<A>*>(smem_raw);
   const int tid = threadIdx.x, row = tid / TPR, sub = tid % TPR;
   const int64_t chunks = ceil_div(p.S, R), bhk = blockIdx.x / chunks, s0 = blockIdx.x % chunks * R;
-  const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, n = imin(R, p.S - s0);
+  const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, n = imin(R, p.S - s0), set = feature_set(p, b, hk);
   const A c = A(p.c);
   const T* kc = rows_of<T>(p.k, b, hk, s0);
   half_norms<R>(sm.hn, kc, p.k.s[2], p.k.s[3], n, p.E, c);
   if (tid < R) sm.mx[tid] = neg_inf<A>();
   for (int64_t j0 = 0; j0 < p.m; j0 += FT) {
     A aw[TR][TF], unused[TR][TF];
-    project<T>(sm.proj, p, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
-    for_each(aw, [&](int r, int j, A& x) { sm.w[r][j] = j0 + j < p.m ? c * x - sm.hn[r] : neg_inf<A>(); });
+    project<T>(sm.proj, p, set, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
+    for_each(aw, [&](int r, int j, A& x) { sm.w[r][j] = j0 + j < p.m ? x - sm.hn[r] : neg_inf<A>(); });
     __syncthreads();
     A best = neg_inf<A>();
     for (int j = sub; j < FT; j += TPR) best = fmax(best, sm.w[row][j]);
@@ -358,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) key_state_kernel(Param
   const int tid = threadIdx.x;
   const SlotBlock blk = slot_block<FT>(p);
   const int64_t vt = blk.vt, j0 = blk.j0, seg = blk.seg, bhk = blk.bhk, b = bhk / p.Hk, hk = bhk % p.Hk,
-                e0 = vt * VT;
+                e0 = vt * VT, set = feature_set(p, b, hk);
   const Range keys = segment<R>(p, seg, p.S);
   const A c = A(p.c), ref = static_cast<const A*>(p.kshift)[bhk * p.S + keys.end - 1];
   A st[TF][TV];
@@ -369,10 +390,10 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) key_state_kernel(Param
     const T* kc = rows_of<T>(p.k, b, hk, s0);
     if (p.softmax) half_norms<R>(sm.hn, kc, p.k.s[2], p.k.s[3], n, p.E, c);
     A aw[TR][TF], unused[TR][TF];
-    project<T>(sm.proj, p, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
+    project<T>(sm.proj, p, set, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
     for_each(aw, [&](int s, int j, A& w) {
       const bool visible = s < n && j0 + j < p.m && !(p.mask && p.mask[b * p.S + s0 + s]);
-      sm.phik[s][j] = key_feature(c * w - (p.softmax ? sm.hn[s] : A(0)), ref, visible, p.softmax);
+      sm.phik[s][j] = key_feature(w - (p.softmax ? sm.hn[s] : A(0)), ref, visible, p.softmax);
     });
     load_tile<R, VT, VT>(&sm.vv[0][0], rows_of<T>(p.v, b, hk, s0) + e0 * p.v.s[3], p.v.s[2], p.v.s[3], n,
                          p.Ev - e0, One<A>());
@@ -490,6 +511,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) forward_out_kernel(Param
     ld = p.Ev + 1;
     zcol = p.Ev;
   }
+  const int64_t set = feature_set(p, b, hk);
   const A* shift = static_cast<const A*>(p.kshift) + (b * p.Hk + hk) * p.S;
   A Mprev = p.causal && span.begin > 0 ? shift[span.begin - 1] : ninf;
 
@@ -529,9 +551,9 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) forward_out_kernel(Param
           sm.lz[tid] = z > A(0) ? log_acc(z) : ninf;
         }
         A au[TR][TF], aw[TR][TF];
-        project<T>(sm.proj, p, qc, p.q.s[2], p.q.s[3], p.causal ? kc : nullptr, p.k.s[2], p.k.s[3], n, j0, au, aw);
-        for_each(au, [&](int r, int j, A& v) { sm.u[r][j] = c * v; });
-        if (p.causal) for_each(aw, [&](int r, int j, A& v) { sm.w[r][j] = c * v - (p.softmax ? sm.hn[r] : A(0)); });
+        project<T>(sm.proj, p, set, qc, p.q.s[2], p.q.s[3], p.causal ? kc : nullptr, p.k.s[2], p.k.s[3], n, j0, au, aw);
+        for_each(au, [&](int r, int j, A& v) { sm.u[r][j] = v; });
+        if (p.causal) for_each(aw, [&](int r, int j, A& v) { sm.w[r][j] = v - (p.softmax ? sm.hn[r] : A(0)); });
         __syncthreads();
         if (p.softmax) {
           // c_t = max_j max(u_tj + lam_tj, u_tj - span), lam_tj = log z_j (bidirectional) or
@@ -671,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) query_part_kernel(Para
   const int tid = threadIdx.x;
   const SlotBlock blk = slot_block<FT>(p);
   const int64_t vt = blk.vt, j0 = blk.j0, seg = blk.seg, bhk = blk.bhk, b = bhk / p.Hk, hk = bhk % p.Hk,
-                e0 = vt * VT;
+                e0 = vt * VT, set = feature_set(p, b, hk);
   const Range span = segment<R>(p, seg, p.L);
   const A c = A(p.c);
   const A* shift = static_cast<const A*>(p.kshift) + bhk * p.S;
@@ -691,10 +713,10 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) query_part_kernel(Para
         sm.gb[tid] = tid < n ? static_cast<const A*>(p.beta)[row0 + tid] * ref : A(0);
       }
       A au[TR][TF], unused[TR][TF];
-      project<T>(sm.proj, p, rows_of<T>(p.q, b, h, t0), p.q.s[2], p.q.s[3], static_cast<const T*>(nullptr), 0, 0, n,
-                 j0, au, unused);
+      project<T>(sm.proj, p, set, rows_of<T>(p.q, b, h, t0), p.q.s[2], p.q.s[3], static_cast<const T*>(nullptr), 0, 0,
+                 n, j0, au, unused);
       for_each(au, [&](int t, int j, A& v) {
-        const A ut = c * v;
+        const A ut = v;
         sm.u[t][j] = j0 + j >= p.m ? A(0) : p.softmax ? exp_acc(ut - sm.qs[t]) : relu_feature(ut);
       });
       load_tile<R, VT, VT>(&sm.gt[0][0], rows_of<T>(p.grad_out, b, h, t0) + e0 * p.grad_out.s[3], p.grad_out.s[2],
@@ -734,13 +756,13 @@ struct BackTiles {
 // rows[r][e] += c (dx W_j0)[r][e] for the n rows of a chunk: the gradient sm.dx with respect to u = c W q'
 // (or w = c W k') over the feature tile at j0, taken back to the input rows (dq or dk, E columns).
 template <class A>
-__device__ __forceinline__ void add_back_projection(BackTiles<A>& sm, const Params& p, int64_t j0, int64_t n, A c,
-                                                    A* rows) {
+__device__ __forceinline__ void add_back_projection(BackTiles<A>& sm, const Params& p, int64_t set, int64_t j0,
+                                                    int64_t n, A c, A* rows) {
   constexpr int FT = Tiles<A>::FT, ET = Tiles<A>::ET, TR = Tiles<A>::R / 16, TE = ET / 16;
   for (int64_t e0 = 0; e0 < p.E; e0 += ET) {
     __syncthreads();
-    load_tile<FT, ET, ET + 1>(&sm.proj.w[0][0], static_cast<const A*>(p.W) + j0 * p.E + e0, p.E, 1, p.m - j0,
-                              p.E - e0, One<A>());
+    load_tile<FT, ET, ET + 1>(&sm.proj.w[0][0], static_cast<const A*>(p.W) + (set * p.m + j0) * p.E + e0, p.E, 1,
+                              p.m - j0, p.E - e0, One<A>());
     __syncthreads();
     A acc[TR][TE];
     zero(acc);
@@ -748,6 +770,32 @@ __device__ __forceinline__ void add_back_projection(BackTiles<A>& sm, const Para
     for_each(acc, [&](int r, int e, A& v) {
       if (r < n && e0 + e < p.E) rows[r * p.E + e0 + e] += c * v;
     });
+  }
+}
+
+// With features_grad: the gradient with respect to features j0 .. j0 + FT of set `set` and their bias
+// from sm.dx, the gradient with respect to the logits of the n rows from x (zero past n): dW += c dx^T x,
+// db += the column sums of dx. Atomic adds: the blocks of a set's heads, chunks and segments share it.
+template <class T, class A>
+__device__ __forceinline__ void add_feature_grads(BackTiles<A>& sm, const Params& p, int64_t set, int64_t j0,
+                                                  int64_t n, A c, const T* x, int64_t rs, int64_t cs) {
+  constexpr int R = Tiles<A>::R, FT = Tiles<A>::FT, ET = Tiles<A>::ET, TF = FT / 16, TE = ET / 16;
+  A* dW = static_cast<A*>(p.dW) + (set * p.m + j0) * p.E;
+  for (int64_t e0 = 0; e0 < p.E; e0 += ET) {
+    __syncthreads();
+    load_tile<R, ET, ET + 1>(&sm.proj.x0[0][0], x + e0 * cs, rs, cs, n, p.E - e0, One<A>());
+    __syncthreads();
+    A acc[TF][TE];
+    zero(acc);
+    mma<R>(acc, &sm.dx[0][0], 1, FT + 1, &sm.proj.x0[0][0], ET + 1, 1);
+    for_each(acc, [&](int j, int e, A& v) {
+      if (j0 + j < p.m && e0 + e < p.E) atomicAdd(dW + j * p.E + e0 + e, c * v);
+    });
+  }
+  if (p.dbias && threadIdx.x < FT && j0 + threadIdx.x < p.m) {
+    A sum = A(0);
+    for (int r = 0; r < n; ++r) sum += sm.dx[r][threadIdx.x];
+    atomicAdd(static_cast<A*>(p.dbias) + set * p.m + j0 + threadIdx.x, sum);
   }
 }
 
@@ -797,7 +845,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Param
     state = static_cast<A*>(p.state) + (b * p.Hk + hk) * p.m * (p.Ev + 1);
     ld = p.Ev + 1;
   }
-  const int64_t zcol = p.Ev;
+  const int64_t zcol = p.Ev, set = feature_set(p, b, hk);
   const A* shift = static_cast<const A*>(p.kshift) + (b * p.Hk + hk) * p.S;
   const T* vbase = rows_of<T>(p.v, b, hk, 0);
   A* dq = static_cast<A*>(p.dq);
@@ -843,9 +891,9 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Param
       for (int64_t j0 = 0; j0 < p.m; j0 += FT) {
         if (tid < FT) sm.zt[tid] = j0 + tid < p.m ? state[(j0 + tid) * ld + zcol] : A(0);
         A au[TR][TF], aw[TR][TF];
-        project<T>(sm.proj, p, qc, p.q.s[2], p.q.s[3], p.causal ? kc : nullptr, p.k.s[2], p.k.s[3], n, j0, au, aw);
-        for_each(au, [&](int r, int j, A& v) { sm.u[r][j] = c * v; });
-        if (p.causal) for_each(aw, [&](int r, int j, A& v) { sm.w[r][j] = c * v - (p.softmax ? sm.hn[r] : A(0)); });
+        project<T>(sm.proj, p, set, qc, p.q.s[2], p.q.s[3], p.causal ? kc : nullptr, p.k.s[2], p.k.s[3], n, j0, au, aw);
+        for_each(au, [&](int r, int j, A& v) { sm.u[r][j] = v; });
+        if (p.causal) for_each(aw, [&](int r, int j, A& v) { sm.w[r][j] = v - (p.softmax ? sm.hn[r] : A(0)); });
         __syncthreads();
         for (int idx = tid; idx < R * FT; idx += kThreads) {
           const int r = idx / FT, j = idx % FT;
@@ -891,7 +939,8 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dq_kernel(Param
           for (int s = 0; s < R; ++s) sum += sm.w[s][tid];
           state[(j0 + tid) * ld + zcol] = sm.zt[tid] * keep + sum;
         }
-        add_back_projection(sm, p, j0, n, c, dq + row0 * p.E);
+        add_back_projection(sm, p, set, j0, n, c, dq + row0 * p.E);
+        if (p.dW) add_feature_grads(sm, p, set, j0, n, c, qc, p.q.s[2], p.q.s[3]);
         __syncthreads();
       }
     }
@@ -926,7 +975,7 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
     bhk = blockIdx.x / chunks;
     span = {s0, imin(p.S, s0 + R)};
   }
-  const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, ld = p.Wd, zcol = p.Ev;
+  const int64_t b = bhk / p.Hk, hk = bhk % p.Hk, ld = p.Wd, zcol = p.Ev, set = feature_set(p, b, hk);
   // The query heads of the kv head: only the causal sweep has queries in the chunk.
   const int64_t h_begin = hk * p.g, h_end = p.causal ? h_begin + p.g : h_begin;
   A* P = static_cast<A*>(p.qslots) + (bhk * p.segs + seg) * p.m * p.Wd;
@@ -965,13 +1014,13 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
       zero(aa);
       for (int64_t j0 = 0; j0 < p.m; j0 += FT) {
         A au[TR][TF], aw[TR][TF];
-        project<T>(sm.proj, p, qc, p.q.s[2], p.q.s[3], kc, p.k.s[2], p.k.s[3], n, j0, au, aw);
+        project<T>(sm.proj, p, set, qc, p.q.s[2], p.q.s[3], kc, p.k.s[2], p.k.s[3], n, j0, au, aw);
         for_each(au, [&](int r, int j, A& v) {
-          const A ut = c * v;
+          const A ut = v;
           sm.u[r][j] = j0 + j >= p.m ? A(0) : p.softmax ? exp_acc(ut - sm.qs[r]) : relu_feature(ut);
         });
         for_each(aw, [&](int r, int j, A& v) {
-          const A wt = c * v - (p.softmax ? sm.hn[r] : A(0));
+          const A wt = v - (p.softmax ? sm.hn[r] : A(0));
           sm.w[r][j] = key_feature(wt, sm.ms[r], j0 + j < p.m && sm.visible[r], p.softmax);
         });
         __syncthreads();
@@ -1007,9 +1056,9 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
         sm.acc[tid] = A(0);
       }
       A aw[TR][TF], unused[TR][TF];
-      project<T>(sm.proj, p, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
+      project<T>(sm.proj, p, set, kc, p.k.s[2], p.k.s[3], static_cast<const T*>(nullptr), 0, 0, n, j0, aw, unused);
       for_each(aw, [&](int s, int j, A& v) {
-        const A wt = c * v - (p.softmax ? sm.hn[s] : A(0));
+        const A wt = v - (p.softmax ? sm.hn[s] : A(0));
         const bool ok = j0 + j < p.m && sm.visible[s] && sm.ms[s] != ninf;
         const A phi = key_feature(wt, sm.ms[s], ok, p.softmax);
         sm.w[s][j] = phi;
@@ -1039,10 +1088,10 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
         load_grad_rows(sm, p, row0, n);
         load_tile<R, R, R + 1>(&sm.a[0][0], da + hi * R * R, R, 1, R, R, One<A>());
         A au[TR][TF], unused2[TR][TF];
-        project<T>(sm.proj, p, rows_of<T>(p.q, b, h, t0), p.q.s[2], p.q.s[3], static_cast<const T*>(nullptr), 0, 0, n,
-                   j0, au, unused2);
+        project<T>(sm.proj, p, set, rows_of<T>(p.q, b, h, t0), p.q.s[2], p.q.s[3], static_cast<const T*>(nullptr), 0,
+                   0, n, j0, au, unused2);
         for_each(au, [&](int t, int j, A& v) {
-          const A ut = c * v;
+          const A ut = v;
           sm.u[t][j] = j0 + j >= p.m ? A(0) : p.softmax ? exp_acc(ut - sm.qs[t]) : relu_feature(ut);
         });
         __syncthreads();
@@ -1077,7 +1126,8 @@ __global__ void __launch_bounds__(kThreads, kBigBlocks) backward_dkdv_kernel(Par
         sum = group_sum<TPR>(sum);
         if (sub == 0) sm.rsum[row] += sum;
       }
-      add_back_projection(sm, p, j0, n, c, dk + row0k * p.E);
+      add_back_projection(sm, p, set, j0, n, c, dk + row0k * p.E);
+      if (p.dW) add_feature_grads(sm, p, set, j0, n, c, kc, p.k.s[2], p.k.s[3]);
       __syncthreads();
     }
     if (p.softmax) {  // dk -= c k' sum_j dw_j = c^2 rsum k
@@ -1107,7 +1157,6 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& mask, double scale,
                    bool causal, std::string_view kernel, FavorInputs& in) {
   in = check_favor_inputs(q, k, v, features, feature_bias, mask, scale, causal, kernel);
-  check_shared_features(in, "the CUDA kernels");
   const FavorSizes& n = in.n;
   Params p{};
   p.q = view_of(q);
@@ -1126,6 +1175,9 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.softmax = kernel == "softmax";
   p.causal = causal;
   p.W = in.features.data_ptr();
+  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.Bf = in.Bf;
+  p.Hf = in.Hf;
   p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   return p;
 }
@@ -1229,7 +1281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_for
   return {out, state, den, query_shift, key_shift};
 }
 
-// No gradient with respect to the features yet (features_grad must be false): two empty tensors.
+// With features_grad, also the gradients with respect to the features and the bias (empty tensors
+// otherwise, and for the bias when there is none).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
@@ -1239,14 +1292,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_bac
   FavorInputs in;
   Params p = make_params(q, k, v, features, feature_bias, key_padding_mask, scale, causal,
                          std::string_view(kernel.data(), kernel.size()), in);
-  PERFORMER_CHECK_VALUE(!features_grad, "features_grad", "be false on the CUDA kernels (the gradient with respect to "
-                        "the features runs on the CPU kernels and the plain-PyTorch backend)", "; got ", "true");
   const std::vector<at::Tensor> saved = check_favor_saved(in.n, q, grad_out, out, state, den, query_shift, key_shift);
   c10::cuda::CUDAGuard guard(q.device());
   const auto acc_options = q.options().dtype(favor_acc_dtype(q));
   at::Tensor dq = at::zeros({p.B, p.H, p.L, p.E}, acc_options);
   at::Tensor dk = at::zeros({p.B, p.Hk, p.S, p.E}, acc_options);
   at::Tensor dv = at::zeros({p.B, p.Hk, p.S, p.Ev}, acc_options);
+  at::Tensor dW, dbias;
+  if (features_grad) {
+    dW = at::zeros_like(in.features);
+    p.dW = dW.data_ptr();
+    if (in.bias.defined()) {
+      dbias = at::zeros_like(in.bias);
+      p.dbias = dbias.data_ptr();
+    }
+  }
   if (p.B > 0) {
     p.grad_out = view_of(grad_out);
     p.out_saved = view_of(out);
@@ -1261,8 +1321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_bac
     dispatch(q.scalar_type(), [&](auto t) { backward_impl<decltype(t)>(p, q, stream); });
   }
   const auto dtype = q.scalar_type();
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype), at::empty({0}, features.options()),
-          at::empty({0}, features.options())};
+  const at::Tensor none = at::empty({0}, features.options());
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype),
+          features_grad ? dW.view(features.sizes()).to(features.scalar_type()) : none,
+          dbias.defined() ? dbias.view(feature_bias->sizes()).to(feature_bias->scalar_type()) : none};
 }
 
 }  // namespace

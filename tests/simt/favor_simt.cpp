@@ -10,18 +10,16 @@
 #include "favor_step_emulated.inc"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
-                      double scale, bool causal, std::string kernel) {
-    return performer::cuda::favor_forward_cuda(q, k, v, f, std::nullopt, mask, scale, causal,
-                                               c10::string_view(kernel));
+  m.def("forward", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> bias,
+                      std::optional<at::Tensor> mask, double scale, bool causal, std::string kernel) {
+    return performer::cuda::favor_forward_cuda(q, k, v, f, bias, mask, scale, causal, c10::string_view(kernel));
   });
   m.def("backward", [](at::Tensor g, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f,
-                       std::optional<at::Tensor> mask, at::Tensor out, at::Tensor state, at::Tensor den,
-                       at::Tensor qs, at::Tensor ks, double scale, bool causal, std::string kernel) {
-    auto [dq, dk, dv, dw, db] = performer::cuda::favor_backward_cuda(g, q, k, v, f, std::nullopt, mask, out, state,
-                                                                     den, qs, ks, scale, causal,
-                                                                     c10::string_view(kernel), false);
-    return std::make_tuple(dq, dk, dv);
+                       std::optional<at::Tensor> bias, std::optional<at::Tensor> mask, at::Tensor out,
+                       at::Tensor state, at::Tensor den, at::Tensor qs, at::Tensor ks, double scale, bool causal,
+                       std::string kernel, bool features_grad) {
+    return performer::cuda::favor_backward_cuda(g, q, k, v, f, bias, mask, out, state, den, qs, ks, scale, causal,
+                                                c10::string_view(kernel), features_grad);
   });
   m.def("step", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
                    std::optional<at::Tensor> kv, std::optional<at::Tensor> z, std::optional<at::Tensor> kmax,

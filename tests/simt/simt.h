@@ -152,6 +152,14 @@ cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return 0; }
 
 inline void __syncthreads() { simt::yield(simt::sync); }
 
+// Threads run one at a time between yields, so an atomic add is a plain read-modify-write.
+template <class T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 

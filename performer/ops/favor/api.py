@@ -17,18 +17,8 @@ from .reference import favor_torch
 OP = "favor_attention"
 
 
-_PLAIN_ONLY = ("takes one (m, E) matrix of constant features without feature_bias (per-head features, "
-               "feature_bias and gradients with respect to the features run on the CPU kernels and the torch backend)")
-
-
 def _cpp_check(args):
-    if args.device.type != "cuda":
-        return None
-    return cuda_reason() or (None if args.plain_features else _PLAIN_ONLY)
-
-
-def _triton_check(args):
-    return triton_backend.decline_reason(args) or (None if args.plain_features else _PLAIN_ONLY)
+    return cuda_reason() if args.device.type == "cuda" else None
 
 
 # On CUDA tensors the compiled ops run csrc/cuda/favor.cu: tested on the CPU through an emulator of
@@ -40,7 +30,7 @@ _dispatch.register(OP, _dispatch.Backend(
 _dispatch.register(OP, _dispatch.Backend(
     name="triton", devices=triton_backend.DEVICES, dtypes=triton_backend.SUPPORTED_DTYPES, default=False,
     run=triton_backend.favor_triton, available=triton_backend.unavailable_reason,
-    check=_triton_check))
+    check=triton_backend.decline_reason))
 _dispatch.register(OP, _dispatch.Backend(
     name="torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=FLOAT_DTYPES, default=("cuda", "mps", "xpu"),
     run=lambda a: favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, a.causal, a.kernel,
@@ -86,8 +76,8 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             "torch" on GPUs. "cpp" (C++ kernels on the CPU, CUDA kernels on NVIDIA GPUs when the
             extension was built with them; opt-in there), "triton" (Triton kernels, opt-in: float32,
             float16 and bfloat16, head and feature sizes limited, see ``ops/favor/triton.py``) or
-            "torch" (plain PyTorch, any device) forces one. Per-head features, feature_bias and
-            gradients with respect to the features run on "cpp" on the CPU and on "torch".
+            "torch" (plain PyTorch, any device) forces one. Every backend takes per-head features,
+            feature_bias and gradients with respect to the features.
 
     Returns:
         (..., L, Ev) in the query's dtype. Internally float32 accumulation (float64 for float64).

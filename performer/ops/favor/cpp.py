@@ -21,9 +21,9 @@ def step_cuda_reason():
     return _STEP_CUDA_REASON
 
 if unavailable_reason() is None:
-    torch.library.register_fake("performer::favor_forward")(opdef.forward_fake_biased)
-    torch.library.register_fake("performer::favor_backward")(opdef.backward_fake_biased)
-    opdef.register_autograd_biased("performer::favor_forward", torch.ops.performer.favor_backward)
+    torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)
+    torch.library.register_fake("performer::favor_backward")(opdef.backward_fake)
+    opdef.register_autograd("performer::favor_forward", torch.ops.performer.favor_backward)
     torch.library.register_fake("performer::favor_step")(opdef.step_fake)
     torch.library.register_fake("performer::favor_step_")(opdef.step_inplace_fake)
 

@@ -6,7 +6,9 @@ backward needs (the final key state [S, z] (B, Hk, m, Ev + 1), each query's norm
 (B, H, L), each key's shift (B, Hk, S)), and the backward recomputes features from them. Features
 are computed in registers and never reach memory; nothing of size L x m, S x m or L x S is stored.
 
-Per (batch, head), with Wc = sqrt(scale) W (m, E), u = q Wc^T, w = k Wc^T - scale |k|^2 / 2. Every
+Per (batch, head), with Wc = sqrt(scale) W (m, E) and b the features of that batch element and key
+head and their bias (features (m, E), (Hk, m, E) or (B, Hk, m, E); b zero without feature_bias),
+u = q Wc^T + b, w = k Wc^T + b - scale |k|^2 / 2. Every
 kernel takes the features a block of M_BLOCK at a time (``feature_block``), so any m fits a program;
 what needs all of them (the query shift, a maximum over the features) is kept as a running maximum
 over the blocks, with what was summed so far rescaled when it grows.
@@ -26,6 +28,9 @@ over the blocks, with what was summed so far rescaled when it grows.
                  causal: ``_causal_dq_kernel`` (a forward sweep that rebuilds the state) and
                  ``_causal_dkv_kernel`` (a reverse sweep carrying the later queries' P, p), both with
                  their state in a workspace as in the forward.
+                 Asked for, the gradients with respect to the features and the bias are summed
+                 where dq and dk are (dWc += du^T q, dw^T k; db += their column sums), per program
+                 and feature block, into float32 buffers with atomic adds.
 
 Precision: float32 inputs use exact float32 products (``input_precision="ieee"``). 16-bit inputs
 are read into float32 (features can exceed the float16 range) and multiplied in TF32 (exact for
@@ -126,15 +131,30 @@ if REGISTERED:
         tl.store(ptr + base + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr):
-        """Columns j0.. of Wc^T and of its low part (see _project) as (E_PAD, M_BLOCK) float32 tiles;
-        zeros outside (E, m). The kernels read them where they use them, every iteration (from L2):
-        a copy held across a loop would take shared memory for its whole length."""
+    def _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr):
+        """Columns j0.. of Wc^T and of its low part (see _project) as (E_PAD, M_BLOCK) float32 tiles,
+        and the bias of those features (M_BLOCK,), of feature set f (the features of a batch element
+        and key head, see _Launch); zeros outside (E, m). The kernels read them where they use them,
+        every iteration (from L2): a copy held across a loop would take shared memory for its whole
+        length."""
         e = tl.arange(0, E_PAD)
         j = tl.arange(0, M_BLOCK)
-        offs = j0 * E + e[:, None] + j[None, :] * E
+        offs = (f * m + j0) * E + e[:, None] + j[None, :] * E
         mask = (e[:, None] < E) & (j[None, :] < m - j0)
-        return tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(wl_ptr + offs, mask=mask, other=0.0)
+        bias = tl.load(fb_ptr + f * m + j0 + j, mask=j < m - j0, other=0.0)
+        return tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(wl_ptr + offs, mask=mask, other=0.0), bias
+
+    @triton.jit
+    def _add_feature_grads(dw_ptr, db_ptr, f, j0, dlogits, x, E, m, E_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
+                           PREC: tl.constexpr):
+        """The gradient with respect to feature block j0.. of set f from logits x Wc^T + b of these
+        rows: dWc += dlogits^T x, db += the column sums (atomically: programs share a feature set)."""
+        e = tl.arange(0, E_PAD)
+        j = tl.arange(0, M_BLOCK)
+        keep = j < m - j0
+        tl.atomic_add(dw_ptr + (f * m + j0) * E + j[:, None] * E + e[None, :],
+                      tl.dot(tl.trans(dlogits), x, input_precision=PREC), mask=keep[:, None] & (e[None, :] < E))
+        tl.atomic_add(db_ptr + f * m + j0 + j, tl.sum(dlogits, 0), mask=keep)
 
     @triton.jit
     def _load_state(state_ptr, base, m, Ev, M_BLOCK: tl.constexpr, EV_PAD: tl.constexpr):
@@ -155,19 +175,19 @@ if REGISTERED:
         tl.store(state_ptr + base + j * (Ev + 1) + Ev, z, mask=j < m)
 
     @triton.jit
-    def _project(x, wt, wtl, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr):
-        """x Wc^T. SPLIT (16-bit inputs): Wc^T = wt + wtl, its TF32 part and the rest; x holds 16-bit
-        values, exact in TF32, so the two TF32 products give x Wc^T to about 2^-21."""
+    def _project(x, wt, wtl, bias, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr):
+        """x Wc^T + bias. SPLIT (16-bit inputs): Wc^T = wt + wtl, its TF32 part and the rest; x holds
+        16-bit values, exact in TF32, so the two TF32 products give x Wc^T to about 2^-21."""
         u = tl.dot(x, wt, input_precision=PROJ_PREC)
         if SPLIT:
             u += tl.dot(x, wtl, input_precision=PROJ_PREC)
-        return u
+        return u + bias[None, :]
 
     @triton.jit
-    def _key_logits(k, wt, wtl, half_c2, m, SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr,
-                    M_BLOCK: tl.constexpr):
-        """w = k Wc^T (- scale |k|^2 / 2 for softmax); padded feature columns are -inf (softmax)."""
-        w = _project(k, wt, wtl, SPLIT, PROJ_PREC)
+    def _key_logits(k, wt, wtl, bias, half_c2, m, SOFTMAX: tl.constexpr, SPLIT: tl.constexpr,
+                    PROJ_PREC: tl.constexpr, M_BLOCK: tl.constexpr):
+        """w = k Wc^T + bias (- scale |k|^2 / 2 for softmax); padded feature columns are -inf (softmax)."""
+        w = _project(k, wt, wtl, bias, SPLIT, PROJ_PREC)
         if SOFTMAX:
             w = w - half_c2 * tl.sum(k * k, 1)[:, None]
             w = tl.where(tl.arange(0, M_BLOCK)[None, :] < m, w, NEG_INF)
@@ -241,8 +261,8 @@ if REGISTERED:
 
     @triton.jit
     def _bidir_state_kernel(
-        k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, part_ptr, pmax_ptr,
-        S, E, Ev, m, Hk, half_c2, blocks_per_split, n_split,
+        k_ptr, v_ptr, w_ptr, wl_ptr, fb_ptr, mask_ptr, part_ptr, pmax_ptr,
+        S, E, Ev, m, fsb, fsh, Hk, half_c2, blocks_per_split, n_split,
         skb, skh, sks, ske, svb, svh, svs, sve, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
@@ -255,6 +275,7 @@ if REGISTERED:
         j0 = tl.program_id(2) * M_BLOCK
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
+        f = b * fsb + hk * fsh
         acc = tl.zeros((M_BLOCK, EV_PAD), dtype=tl.float32)
         z = tl.zeros((M_BLOCK,), dtype=tl.float32)
         run = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
@@ -262,11 +283,11 @@ if REGISTERED:
         last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK))
         for blk in range(first, last):
             s0 = blk * BLOCK
-            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+            wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
             k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
             visible = _visible(mask_ptr, b * smb, s0, S, HAS_MASK, BLOCK)
-            w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+            w = _key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
             new = tl.maximum(run, tl.max(_key_row_max(w, visible, SOFTMAX), 0))
             alpha = _exp_rel(run, new)
             phi = _key_features(w, tl.zeros((BLOCK,), tl.float32) + new, visible, m - j0, SOFTMAX, M_BLOCK)
@@ -279,8 +300,8 @@ if REGISTERED:
 
     @triton.jit
     def _bidir_out_kernel(
-        q_ptr, w_ptr, wl_ptr, state_ptr, out_ptr, den_ptr, qs_ptr,
-        L, E, Ev, m, H, Hk, groups,
+        q_ptr, w_ptr, wl_ptr, fb_ptr, state_ptr, out_ptr, den_ptr, qs_ptr,
+        L, E, Ev, m, fsb, fsh, H, Hk, groups,
         sqb, sqh, sql, sqe,
         SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
         BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
@@ -292,6 +313,7 @@ if REGISTERED:
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
+        f = b * fsb + hk * fsh
         base = (b * Hk + hk) * m * (Ev + 1)
         q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
         num = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
@@ -300,9 +322,9 @@ if REGISTERED:
         best = tl.full((BLOCK,), NEG_INF, tl.float32)   # max_j (u_j + log z_j) so far
         top = tl.full((BLOCK,), NEG_INF, tl.float32)    # max_j u_j so far
         for j0 in range(0, m, M_BLOCK):
-            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+            wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
             S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            u = _project(q, wt, wtl, fb, SPLIT, PROJ_PREC)
             if SOFTMAX:
                 best, top, new = _shift_step(u, _log_pos(z)[None, :], m - j0, best, top, M_BLOCK)
                 alpha = tl.where(j0 > 0, tl.exp(shift - new), 0.0)
@@ -321,7 +343,7 @@ if REGISTERED:
         tl.store(qs_ptr + row + rows, shift, mask=rows < L)
 
     @triton.jit
-    def _causal_key_maxima(k, visible, w_ptr, wl_ptr, half_c2, E, m, m_prev, SOFTMAX: tl.constexpr,
+    def _causal_key_maxima(k, visible, w_ptr, wl_ptr, fb_ptr, f, half_c2, E, m, m_prev, SOFTMAX: tl.constexpr,
                            SPLIT: tl.constexpr, PROJ_PREC: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
                            M_BLOCK: tl.constexpr):
         """The running maximum m_s of the key logits over all features, for the chunk's keys (a
@@ -329,8 +351,8 @@ if REGISTERED:
         top = tl.full((BLOCK,), NEG_INF, tl.float32)
         if SOFTMAX:
             for j0 in range(0, m, M_BLOCK):
-                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
-                top = tl.maximum(top, tl.max(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC,
+                wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
+                top = tl.maximum(top, tl.max(_key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC,
                                                          M_BLOCK), 1))
         else:
             top = tl.zeros((BLOCK,), tl.float32)
@@ -349,8 +371,8 @@ if REGISTERED:
 
     @triton.jit
     def _causal_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, work_ptr,
-        L, E, Ev, m, H, Hk, groups, half_c2,
+        q_ptr, k_ptr, v_ptr, w_ptr, wl_ptr, fb_ptr, mask_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, work_ptr,
+        L, E, Ev, m, fsb, fsh, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, smb,
         SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
@@ -364,6 +386,7 @@ if REGISTERED:
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
+        f = b * fsb + hk * fsh
         key_rows = tl.where((h % groups) == 0, L, 0)   # rows of key shifts this program writes
         work = bh.to(tl.int64) * m * (Ev + 1)
         m_prev = tl.max(tl.full((BLOCK,), NEG_INF, tl.float32), 0)
@@ -375,8 +398,8 @@ if REGISTERED:
             v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, t0, L, Ev, BLOCK, EV_PAD)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
             visible = _visible(mask_ptr, b * smb, t0, L, HAS_MASK, BLOCK)
-            ms = _causal_key_maxima(k, visible, w_ptr, wl_ptr, half_c2, E, m, m_prev, SOFTMAX, SPLIT, PROJ_PREC,
-                                    E_PAD, BLOCK, M_BLOCK)
+            ms = _causal_key_maxima(k, visible, w_ptr, wl_ptr, fb_ptr, f, half_c2, E, m, m_prev, SOFTMAX, SPLIT,
+                                    PROJ_PREC, E_PAD, BLOCK, M_BLOCK)
             safe_ms = tl.where(ms != NEG_INF, ms, 0.0)
             off = tl.where(ms != NEG_INF, m_prev - safe_ms, NEG_INF)   # log e^{Mprev - m_t}
             m_end = tl.max(ms, 0)
@@ -389,11 +412,11 @@ if REGISTERED:
             best = tl.full((BLOCK,), NEG_INF, tl.float32)
             top = tl.full((BLOCK,), NEG_INF, tl.float32)
             for j0 in range(0, m, M_BLOCK):
-                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+                wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
                 S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                w = _key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
-                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+                u = _project(q, wt, wtl, fb, SPLIT, PROJ_PREC)
                 if SOFTMAX:
                     # lam_t = max(log z + Mprev - m_t, w_t - m_t): the earlier state and key t itself.
                     from_key = tl.where((visible & (ms != NEG_INF))[:, None], w - safe_ms[:, None], NEG_INF)
@@ -438,12 +461,14 @@ if REGISTERED:
     @triton.jit
     def _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX: tl.constexpr, PREC: tl.constexpr,
                    PROJ_PREC: tl.constexpr):
-        """dk from the gradient with respect to phi_k: dw = dphi * dphi/dw; dk = dw Wc (- scale k sum_j dw_j)."""
+        """(dk, dw) from the gradient with respect to phi_k: dw = dphi * dphi/dw, the gradient with
+        respect to the logits; dk = dw Wc (- scale k sum_j dw_j)."""
         if SOFTMAX:
             dw = dphi * phi
-            return tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC) - (2.0 * half_c2) * k * tl.sum(dw, 1)[:, None]
+            return (tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC) - (2.0 * half_c2) * k * tl.sum(dw, 1)[:, None],
+                    dw)
         dw = tl.where(visible[:, None] & (w > 0), dphi, 0.0)
-        return tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC)
+        return tl.dot(dw, tl.trans(wt), input_precision=PROJ_PREC), dw
 
     @triton.jit
     def _query_grads(dphi, phi, u, wt, SOFTMAX: tl.constexpr, PROJ_PREC: tl.constexpr):
@@ -451,14 +476,15 @@ if REGISTERED:
             du = dphi * phi
         else:
             du = tl.where(u > 0, dphi, 0.0)
-        return tl.dot(du, tl.trans(wt), input_precision=PROJ_PREC)
+        return tl.dot(du, tl.trans(wt), input_precision=PROJ_PREC), du
 
     @triton.jit
     def _bidir_dq_kernel(
-        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, state_ptr, dq_ptr,
-        L, E, Ev, m, H, Hk, groups,
+        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, fb_ptr, state_ptr, dq_ptr, dw_ptr, db_ptr,
+        L, E, Ev, m, fsb, fsh, H, Hk, groups,
         sqb, sqh, sql, sqe, sgb, sgh, sgl, sge,
-        SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
+        SOFTMAX: tl.constexpr, FEAT_GRAD: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        PROJ_PREC: tl.constexpr,
         BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
     ):
         """dq of queries [pid * BLOCK, ...) of head (b, h), summed over the feature blocks."""
@@ -466,6 +492,7 @@ if REGISTERED:
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
+        f = b * fsb + hk * fsh
         row = bh.to(tl.int64) * L
         base = (b * Hk + hk) * m * (Ev + 1)
         q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
@@ -473,18 +500,21 @@ if REGISTERED:
         gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
         dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
         for j0 in range(0, m, M_BLOCK):
-            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+            wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
             S, z = _load_state(state_ptr, base + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            u = _project(q, wt, wtl, fb, SPLIT, PROJ_PREC)
             phi = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
             dphi = tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :]
-            dq += _query_grads(dphi, phi, u, wt, SOFTMAX, PROJ_PREC)
+            dq_part, du = _query_grads(dphi, phi, u, wt, SOFTMAX, PROJ_PREC)
+            dq += dq_part
+            if FEAT_GRAD:
+                _add_feature_grads(dw_ptr, db_ptr, f, j0, du, q, E, m, E_PAD, M_BLOCK, PROJ_PREC)
         _store_rows(dq_ptr, row * E, dq, t0, L, E, BLOCK, E_PAD)
 
     @triton.jit
     def _bidir_dstate_kernel(
-        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, dpart_ptr,
-        L, E, Ev, m, H, blocks_per_split, n_split,
+        q_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, w_ptr, wl_ptr, fb_ptr, dpart_ptr,
+        L, E, Ev, m, fsb, fsh, H, groups, blocks_per_split, n_split,
         sqb, sqh, sql, sqe, sgb, sgh, sgl, sge,
         SOFTMAX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PROJ_PREC: tl.constexpr,
         BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, M_BLOCK: tl.constexpr,
@@ -496,6 +526,7 @@ if REGISTERED:
         j0 = tl.program_id(2) * M_BLOCK
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
+        f = b * fsb + (h // groups) * fsh
         row = bh.to(tl.int64) * L
         dS = tl.zeros((M_BLOCK, EV_PAD), dtype=tl.float32)
         dz = tl.zeros((M_BLOCK,), dtype=tl.float32)
@@ -503,9 +534,9 @@ if REGISTERED:
         last = tl.minimum(first + blocks_per_split, tl.cdiv(L, BLOCK))
         for blk in range(first, last):
             t0 = blk * BLOCK
-            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+            wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
             q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
-            u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+            u = _project(q, wt, wtl, fb, SPLIT, PROJ_PREC)
             phi = _query_features(u, _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m - j0, SOFTMAX, M_BLOCK)
             gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK, EV_PAD)
             dS += tl.dot(tl.trans(phi), gq, input_precision=PREC)
@@ -515,10 +546,10 @@ if REGISTERED:
 
     @triton.jit
     def _bidir_dkv_kernel(
-        k_ptr, v_ptr, w_ptr, wl_ptr, mask_ptr, dstate_ptr, ks_ptr, dk_ptr, dv_ptr,
-        S, E, Ev, m, Hk, half_c2,
+        k_ptr, v_ptr, w_ptr, wl_ptr, fb_ptr, mask_ptr, dstate_ptr, ks_ptr, dk_ptr, dv_ptr, dw_ptr, db_ptr,
+        S, E, Ev, m, fsb, fsh, Hk, half_c2,
         skb, skh, sks, ske, svb, svh, svs, sve, smb,
-        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        SOFTMAX: tl.constexpr, FEAT_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
         M_BLOCK: tl.constexpr,
     ):
@@ -527,6 +558,7 @@ if REGISTERED:
         s0, bh = _block_and_head(S, BLOCK)
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
+        f = b * fsb + hk * fsh
         krow = bh.to(tl.int64) * S
         k = _load_rows(k_ptr, b * skb + hk * skh, sks, ske, s0, S, E, BLOCK, E_PAD)
         v = _load_rows(v_ptr, b * svb + hk * svh, svs, sve, s0, S, Ev, BLOCK, EV_PAD)
@@ -535,22 +567,25 @@ if REGISTERED:
         dk = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
         dv = tl.zeros((BLOCK, EV_PAD), dtype=tl.float32)
         for j0 in range(0, m, M_BLOCK):
-            wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+            wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
             dS, dz = _load_state(dstate_ptr, (bh.to(tl.int64) * m + j0) * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-            w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+            w = _key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
             phi = _key_features(w, ref, visible, m - j0, SOFTMAX, M_BLOCK)
             dphi = tl.dot(v, tl.trans(dS), input_precision=PREC) + dz[None, :]
             dv += tl.dot(phi, dS, input_precision=PREC)
-            dk += _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+            dk_part, dw = _key_grads(dphi, phi, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+            dk += dk_part
+            if FEAT_GRAD:
+                _add_feature_grads(dw_ptr, db_ptr, f, j0, dw, k, E, m, E_PAD, M_BLOCK, PROJ_PREC)
         _store_rows(dv_ptr, krow * Ev, dv, s0, S, Ev, BLOCK, EV_PAD)
         _store_rows(dk_ptr, krow * E, dk, s0, S, E, BLOCK, E_PAD)
 
     @triton.jit
     def _causal_dq_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dq_ptr, work_ptr,
-        L, E, Ev, m, H, Hk, groups, half_c2,
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, fb_ptr, mask_ptr, dq_ptr, work_ptr,
+        dw_ptr, db_ptr, L, E, Ev, m, fsb, fsh, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
-        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        SOFTMAX: tl.constexpr, FEAT_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
         M_BLOCK: tl.constexpr,
     ):
@@ -560,6 +595,7 @@ if REGISTERED:
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         hk = h // groups
+        f = b * fsb + hk * fsh
         row = bh.to(tl.int64) * L
         krow = (b * Hk + hk) * L
         work = bh.to(tl.int64) * m * (Ev + 1)
@@ -579,15 +615,18 @@ if REGISTERED:
             later = _exp_rel(ms, tl.zeros_like(ms) + m_end)
             dq = tl.zeros((BLOCK, E_PAD), dtype=tl.float32)
             for j0 in range(0, m, M_BLOCK):
-                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+                wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
                 S, z = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                w = _key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
-                u = _project(q, wt, wtl, SPLIT, PROJ_PREC)
+                u = _project(q, wt, wtl, fb, SPLIT, PROJ_PREC)
                 phiq = _query_features(u, shift, m - j0, SOFTMAX, M_BLOCK)
                 dphi = tl.dot(da, phik, input_precision=PREC) + inter[:, None] * (
                     tl.dot(gq, tl.trans(S), input_precision=PREC) - beta[:, None] * z[None, :])
-                dq += _query_grads(dphi, phiq, u, wt, SOFTMAX, PROJ_PREC)
+                dq_part, du = _query_grads(dphi, phiq, u, wt, SOFTMAX, PROJ_PREC)
+                dq += dq_part
+                if FEAT_GRAD:
+                    _add_feature_grads(dw_ptr, db_ptr, f, j0, du, q, E, m, E_PAD, M_BLOCK, PROJ_PREC)
                 _carry_state(work_ptr, work + j0 * (Ev + 1), S, z, phik, v, keep, later, m - j0, Ev, PREC,
                              M_BLOCK, EV_PAD)
             _store_rows(dq_ptr, row * E, dq, t0, L, E, BLOCK, E_PAD)
@@ -596,10 +635,10 @@ if REGISTERED:
 
     @triton.jit
     def _causal_dkv_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, mask_ptr, dk_ptr, dv_ptr, work_ptr,
-        L, E, Ev, m, H, Hk, groups, half_c2,
+        q_ptr, k_ptr, v_ptr, g_ptr, out_ptr, den_ptr, qs_ptr, ks_ptr, w_ptr, wl_ptr, fb_ptr, mask_ptr, dk_ptr, dv_ptr,
+        work_ptr, dw_ptr, db_ptr, L, E, Ev, m, fsb, fsh, H, Hk, groups, half_c2,
         sqb, sqh, sql, sqe, skb, skh, sks, ske, svb, svh, svs, sve, sgb, sgh, sgl, sge, smb,
-        SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+        SOFTMAX: tl.constexpr, FEAT_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         PROJ_PREC: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
         M_BLOCK: tl.constexpr,
     ):
@@ -611,6 +650,7 @@ if REGISTERED:
         bh = tl.program_id(0)
         b = (bh // Hk).to(tl.int64)
         hk = (bh % Hk).to(tl.int64)
+        f = b * fsb + hk * fsh
         krow = bh.to(tl.int64) * L
         work = bh.to(tl.int64) * m * (Ev + 1)
         n_chunks = tl.cdiv(L, BLOCK)
@@ -636,18 +676,18 @@ if REGISTERED:
                 shift = _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0)
                 a = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
                 for j0 in range(0, m, M_BLOCK):
-                    wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
-                    phik = _key_features(_key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK),
-                                         ms, visible, m - j0, SOFTMAX, M_BLOCK)
-                    phiq = _query_features(_project(q, wt, wtl, SPLIT, PROJ_PREC), shift, m - j0, SOFTMAX, M_BLOCK)
+                    wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
+                    phik = _key_features(_key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC,
+                                                     M_BLOCK), ms, visible, m - j0, SOFTMAX, M_BLOCK)
+                    phiq = _query_features(_project(q, wt, wtl, fb, SPLIT, PROJ_PREC), shift, m - j0, SOFTMAX, M_BLOCK)
                     a += tl.dot(phiq, tl.trans(phik), input_precision=PREC)
                 gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK,
                                       EV_PAD)
                 dv += tl.dot(tl.trans(a * causal), gq, input_precision=PREC)
             for j0 in range(0, m, M_BLOCK):
-                wt, wtl = _feature_block(w_ptr, wl_ptr, j0, E, m, E_PAD, M_BLOCK)
+                wt, wtl, fb = _feature_block(w_ptr, wl_ptr, fb_ptr, f, j0, E, m, E_PAD, M_BLOCK)
                 P, p = _load_state(work_ptr, work + j0 * (Ev + 1), m - j0, Ev, M_BLOCK, EV_PAD)
-                w = _key_logits(k, wt, wtl, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
+                w = _key_logits(k, wt, wtl, fb, half_c2, m - j0, SOFTMAX, SPLIT, PROJ_PREC, M_BLOCK)
                 phik = _key_features(w, ms, visible, m - j0, SOFTMAX, M_BLOCK)
                 # Later chunks: e^{m_s - Mc} (P v_s + p) and e^{m_s - Mc} P^T phi_k(s).
                 dphik = later[:, None] * (tl.dot(v, tl.trans(P), input_precision=PREC) + p[None, :])
@@ -658,7 +698,7 @@ if REGISTERED:
                     h = hk * groups + j
                     row = (b * H + h) * L
                     q = _load_rows(q_ptr, b * sqb + h * sqh, sql, sqe, t0, L, E, BLOCK, E_PAD)
-                    phiq = _query_features(_project(q, wt, wtl, SPLIT, PROJ_PREC),
+                    phiq = _query_features(_project(q, wt, wtl, fb, SPLIT, PROJ_PREC),
                                            _load_vec(qs_ptr, row, t0, L, BLOCK, 0.0), m - j0, SOFTMAX, M_BLOCK)
                     gq, beta = _grad_rows(g_ptr, out_ptr, den_ptr, b * sgb + h * sgh, sgl, sge, row, t0, L, Ev, BLOCK,
                                           EV_PAD)
@@ -667,7 +707,10 @@ if REGISTERED:
                     scaled = phiq * to_prev[:, None]
                     P += tl.dot(tl.trans(scaled), gq, input_precision=PREC)
                     p -= tl.sum(scaled * beta[:, None], 0)
-                dk += _key_grads(dphik, phik, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+                dk_part, dw = _key_grads(dphik, phik, w, k, wt, half_c2, visible, SOFTMAX, PREC, PROJ_PREC)
+                dk += dk_part
+                if FEAT_GRAD:
+                    _add_feature_grads(dw_ptr, db_ptr, f, j0, dw, k, E, m, E_PAD, M_BLOCK, PROJ_PREC)
                 tl.debug_barrier()   # every thread has read this block of [P, p]
                 _store_state(work_ptr, work + j0 * (Ev + 1), P, p, m - j0, Ev, M_BLOCK, EV_PAD)
             _store_rows(dv_ptr, krow * Ev, dv, t0, L, Ev, BLOCK, EV_PAD)
@@ -684,13 +727,21 @@ def _strides(t: torch.Tensor) -> tuple:
 class _Launch:
     """Sizes, tiles and the common kernel arguments of one call."""
 
-    def __init__(self, q, k, v, features, key_padding_mask, scale, causal, kernel):
+    def __init__(self, q, k, v, features, feature_bias, key_padding_mask, scale, causal, kernel):
         self.B, self.H, self.L, self.E = q.shape
         self.Hk, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
-        self.m = features.shape[0]
+        self.m = features.shape[-2]
         self.groups = self.H // self.Hk
         self.softmax = kernel == "softmax"
-        wc = (features.detach().float() * math.sqrt(scale)).contiguous()
+        # Feature sets (Bf, Hf, m, E), Bf in {1, B}, Hf in {1, Hk}: batch b, key head hk reads set
+        # f = b * fsb + hk * fsh, and its bias (Bf, Hf, m) (zeros without one).
+        self.sets = (1,) * (4 - features.dim()) + tuple(features.shape[:-2])
+        Bf, Hf = self.sets[-2], self.sets[-1]
+        self.fsb, self.fsh = (Hf if Bf > 1 else 0), (1 if Hf > 1 else 0)
+        w4 = features.detach().reshape(Bf, Hf, self.m, self.E)
+        self.bias = (feature_bias.detach().float().reshape(Bf, Hf, self.m).contiguous() if feature_bias is not None
+                     else torch.zeros(Bf, Hf, self.m, dtype=torch.float32, device=q.device))
+        wc = (w4.float() * math.sqrt(scale)).contiguous()
         split = q.dtype != torch.float32
         if split:   # Wc = its TF32 part (low 13 mantissa bits cleared) + the rest (see _project)
             hi = (wc.view(torch.int32) & ~0x1FFF).view(torch.float32)
@@ -734,11 +785,12 @@ class _Launch:
 
 
 def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
-                  key_padding_mask: Optional[torch.Tensor], scale: float, causal: bool,
-                  kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  feature_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], scale: float,
+                  causal: bool, kernel: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     opdef.check_forward(q, k, v, features, key_padding_mask, causal, kernel, "triton_favor_forward",
-                        SUPPORTED_DTYPES)
-    x = _Launch(q, k, v, features, key_padding_mask, scale, causal, kernel)
+                        SUPPORTED_DTYPES, feature_bias)
+    x = _Launch(q, k, v, features, feature_bias, key_padding_mask, scale, causal, kernel)
     B, H, L, Hk, S, Ev, m = x.B, x.H, x.L, x.Hk, x.S, x.Ev, x.m
     f32 = dict(dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
@@ -746,20 +798,21 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
     qshift = torch.empty(B, H, L, **f32)
     kshift = torch.empty(B, Hk, S, **f32)
     state = torch.zeros(B, Hk, m, Ev + 1, **f32)
+    w = (x.wc, x.wc_lo, x.bias)
     if causal:
         if L > 0:
             work = torch.zeros(B, Hk, x.groups, m, Ev + 1, **f32)   # each query head's [S, z]
-            x.run(_causal_fwd_kernel, (B * H,), q, k, v, x.wc, x.wc_lo, x.mask, out, den, qshift, kshift, work,
-                  L, x.E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v), x.mask_stride,
-                  HAS_MASK=key_padding_mask is not None)
+            x.run(_causal_fwd_kernel, (B * H,), q, k, v, *w, x.mask, out, den, qshift, kshift, work,
+                  L, x.E, Ev, m, x.fsb, x.fsh, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v),
+                  x.mask_stride, HAS_MASK=key_padding_mask is not None)
             state = work[:, :, 0].contiguous()
         return out, state, den, qshift, kshift
     if S > 0:
         per, n_split = x.splits(S, B * Hk * x.m_blocks)
         part = torch.empty(B * Hk, n_split, m, Ev + 1, **f32)
         pmax = torch.empty(B * Hk, n_split, x.m_blocks, **f32)
-        x.run(_bidir_state_kernel, (B * Hk, n_split, x.m_blocks), k, v, x.wc, x.wc_lo, x.mask, part, pmax,
-              S, x.E, Ev, m, Hk, x.half_c2, per, n_split, *_strides(k), *_strides(v), x.mask_stride,
+        x.run(_bidir_state_kernel, (B * Hk, n_split, x.m_blocks), k, v, *w, x.mask, part, pmax,
+              S, x.E, Ev, m, x.fsb, x.fsh, Hk, x.half_c2, per, n_split, *_strides(k), *_strides(v), x.mask_stride,
               HAS_MASK=key_padding_mask is not None)
         # Each (segment, feature block) relative to its own maximum: rescaled to the largest, summed.
         top = pmax.amax(dim=(1, 2), keepdim=True)
@@ -769,47 +822,65 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: t
         state = (part * factor[..., None]).sum(dim=1).view(B, Hk, m, Ev + 1)
         kshift = top.view(B, Hk, 1).expand(B, Hk, S).contiguous()
     if L > 0:
-        x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, x.wc, x.wc_lo, state, out, den, qshift,
-              L, x.E, Ev, m, H, Hk, x.groups, *_strides(q))
+        x.run(_bidir_out_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, *w, state, out, den, qshift,
+              L, x.E, Ev, m, x.fsb, x.fsh, H, Hk, x.groups, *_strides(q))
     return out, state, den, qshift, kshift
 
 
 def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor,
-                   key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, state: torch.Tensor, den: torch.Tensor,
-                   query_shift: torch.Tensor, key_shift: torch.Tensor, scale: float, causal: bool,
-                   kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = _Launch(q, k, v, features, key_padding_mask, scale, causal, kernel)
+                   feature_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], out: torch.Tensor,
+                   state: torch.Tensor, den: torch.Tensor, query_shift: torch.Tensor, key_shift: torch.Tensor,
+                   scale: float, causal: bool, kernel: str, features_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, and with features_grad the gradients with respect to features and feature_bias
+    (empty tensors otherwise, and for the bias when there is none): float32 sums of dlogits^T x and
+    dlogits over every row, of the scaled features Wc = sqrt(scale) W, then times sqrt(scale)."""
+    x = _Launch(q, k, v, features, feature_bias, key_padding_mask, scale, causal, kernel)
     B, H, L, E, Hk, S, Ev, m = x.B, x.H, x.L, x.E, x.Hk, x.S, x.Ev, x.m
     new = torch.zeros if L == 0 or S == 0 else torch.empty
     dq = new(B, H, L, E, dtype=q.dtype, device=q.device)
     dk = new(B, Hk, S, E, dtype=q.dtype, device=q.device)
     dv = new(B, Hk, S, Ev, dtype=q.dtype, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dwc = torch.zeros(*x.sets, m, E, **f32) if features_grad else torch.zeros(1, **f32)
+    dbias = torch.zeros(*x.sets, m, **f32) if features_grad else torch.zeros(1, **f32)
+
+    def result():
+        if not features_grad:
+            return dq, dk, dv, features.new_empty(0), features.new_empty(0)
+        dw = (dwc * math.sqrt(scale)).view(features.shape).to(features.dtype)
+        db = (dbias.view(feature_bias.shape).to(feature_bias.dtype) if feature_bias is not None
+              else features.new_empty(0))
+        return dq, dk, dv, dw, db
+
     if L == 0 or S == 0:
-        return dq, dk, dv
+        return result()
     has_mask = key_padding_mask is not None
+    w = (x.wc, x.wc_lo, x.bias)
     # The kernels read the saved statistics as contiguous rows (as the forward wrote them; the op
     # may also be called with views).
     out, state, den, query_shift, key_shift = (t.contiguous() for t in (out, state, den, query_shift, key_shift))
     if causal:
-        common = (L, E, Ev, m, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k), *_strides(v),
-                  *_strides(grad_out), x.mask_stride)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        x.run(_causal_dq_kernel, (B * H,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
-              dq, torch.zeros(B * H, m, Ev + 1, **f32), *common, HAS_MASK=has_mask)
-        x.run(_causal_dkv_kernel, (B * Hk,), q, k, v, grad_out, out, den, query_shift, key_shift, x.wc, x.wc_lo, x.mask,
-              dk, dv, torch.zeros(B * Hk, m, Ev + 1, **f32), *common, HAS_MASK=has_mask)
-        return dq, dk, dv
-    x.run(_bidir_dq_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, grad_out, out, den, query_shift, x.wc,
-          x.wc_lo, state, dq, L, E, Ev, m, H, Hk, x.groups, *_strides(q), *_strides(grad_out))
+        common = (dwc, dbias, L, E, Ev, m, x.fsb, x.fsh, H, Hk, x.groups, x.half_c2, *_strides(q), *_strides(k),
+                  *_strides(v), *_strides(grad_out), x.mask_stride)
+        x.run(_causal_dq_kernel, (B * H,), q, k, v, grad_out, out, den, query_shift, key_shift, *w, x.mask,
+              dq, torch.zeros(B * H, m, Ev + 1, **f32), *common, HAS_MASK=has_mask, FEAT_GRAD=features_grad)
+        x.run(_causal_dkv_kernel, (B * Hk,), q, k, v, grad_out, out, den, query_shift, key_shift, *w, x.mask,
+              dk, dv, torch.zeros(B * Hk, m, Ev + 1, **f32), *common, HAS_MASK=has_mask, FEAT_GRAD=features_grad)
+        return result()
+    x.run(_bidir_dq_kernel, (triton.cdiv(L, x.meta["BLOCK"]) * B * H,), q, grad_out, out, den, query_shift, *w,
+          state, dq, dwc, dbias, L, E, Ev, m, x.fsb, x.fsh, H, Hk, x.groups, *_strides(q), *_strides(grad_out),
+          FEAT_GRAD=features_grad)
     per, n_split = x.splits(L, B * H * x.m_blocks)
-    dpart = torch.empty(B * H, n_split, m, Ev + 1, dtype=torch.float32, device=q.device)
-    x.run(_bidir_dstate_kernel, (B * H, n_split, x.m_blocks), q, grad_out, out, den, query_shift, x.wc, x.wc_lo,
-          dpart, L, E, Ev, m, H, per, n_split, *_strides(q), *_strides(grad_out))
+    dpart = torch.empty(B * H, n_split, m, Ev + 1, **f32)
+    x.run(_bidir_dstate_kernel, (B * H, n_split, x.m_blocks), q, grad_out, out, den, query_shift, *w,
+          dpart, L, E, Ev, m, x.fsb, x.fsh, H, x.groups, per, n_split, *_strides(q), *_strides(grad_out))
     dstate = dpart.view(B, Hk, x.groups * n_split, m, Ev + 1).sum(dim=2)
-    x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]) * B * Hk,), k, v, x.wc, x.wc_lo, x.mask, dstate,
-          key_shift, dk, dv,
-          S, E, Ev, m, Hk, x.half_c2, *_strides(k), *_strides(v), x.mask_stride, HAS_MASK=has_mask)
-    return dq, dk, dv
+    x.run(_bidir_dkv_kernel, (triton.cdiv(S, x.meta["BLOCK"]) * B * Hk,), k, v, *w, x.mask, dstate,
+          key_shift, dk, dv, dwc, dbias,
+          S, E, Ev, m, x.fsb, x.fsh, Hk, x.half_c2, *_strides(k), *_strides(v), x.mask_stride, HAS_MASK=has_mask,
+          FEAT_GRAD=features_grad)
+    return result()
 
 
 if REGISTERED:
@@ -825,5 +896,6 @@ if REGISTERED:
 
 def favor_triton(args) -> torch.Tensor:
     out, *_ = torch.ops.performer.triton_favor_forward(
-        args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.causal, args.kernel)
+        args.q, args.k, args.v, args.features, args.feature_bias, args.key_padding_mask, args.scale, args.causal,
+        args.kernel)
     return out
