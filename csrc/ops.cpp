@@ -37,6 +37,9 @@ TORCH_LIBRARY(performer, m) {
   // The same step updating a given state in place (contiguous tensors); returns out.
   m.def("favor_step_(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, Tensor(a!) kv, "
         "Tensor(b!) normalizer, Tensor(c!) key_max, float scale, str kernel) -> Tensor");
+  // The per-dimension mean and mean square over dim 2 of x (B, G, N, E), each (B, G, E) in the
+  // accumulation dtype (zeros for N = 0): the statistics of performer.FeatureMap in one read of x.
+  m.def("moments(Tensor x) -> (Tensor, Tensor)");
   // Batched matrix product on canonical inputs a (B, M, K), b (B, K, N) of one dtype and device,
   // any strides (a batch stride of 0 broadcasts): returns a @ b, (B, M, N) contiguous in that
   // dtype; float16/bfloat16 accumulate in float32.

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._C_loader import unavailable_reason
+
 MAPS = ("favor+", "favor++")
 STATISTICS = ("key_mean", "log_psi", "coef_a")
 MAX_TRAINED_COEF_A = 0.1  # a trainable FAVOR++ coefficient is clamped here (the estimator needs A < 1/8)
@@ -95,8 +97,8 @@ class FeatureMap(nn.Module):
         """(key mean (B, Hk, E), log Psi (B, Hk, E), A (B, Hk)) of the scaled queries
         x = sqrt(scale) query (B, H, L, E) and keys y = sqrt(scale) key (B, Hk, S, E), the keys over
         the visible ones, without gradient; identities for the parts this map does not use. All of
-        them follow from the per-dimension first and second moments of x and y (one read of each for
-        the sums, one more for the squares, no copy of the inputs without a padding mask)."""
+        them follow from the per-dimension first and second moments of x and y (on the CPU one read of
+        each, no copy of the inputs without a padding mask)."""
         query, key = query.detach(), key.detach()
         B, H, L, E = query.shape
         Hk, S = key.shape[1], key.shape[2]
@@ -218,29 +220,20 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 def _moments(t: torch.Tensor, acc: torch.dtype):
-    """Per-dimension mean and mean square over dim 2 of (B, Hk, N, E) (zeros if N = 0), without a copy
-    of the input: the squares are summed a block of rows at a time through one small buffer (the
-    strided vector_norm over dim 2 is several times slower, and t * t is a full-size temporary)."""
+    """Per-dimension mean and mean square over dim 2 of (B, Hk, N, E) in acc (zeros if N = 0). On the
+    CPU the compiled ``performer::moments`` reads the input once (the strided reductions of torch
+    over dim 2 take two slow passes and a full-size temporary); elsewhere, and under torch.compile
+    (which fuses them), the same in torch."""
     if t.shape[2] == 0:
         zero = t.new_zeros(t.shape[0], t.shape[1], t.shape[3], dtype=acc)
         return zero, zero
-    n = t.shape[2]
-    mean = t.sum(2, dtype=acc) / n
-    if torch.compiler.is_compiling():  # the compiler fuses the square into the sum
-        return mean, t.to(acc).square().sum(2) / n
-    rows = max(1, _SQUARE_BLOCK // max(1, t.shape[0] * t.shape[1] * t.shape[3]))
-    buf = t.new_empty(t.shape[0], t.shape[1], min(rows, n), t.shape[3], dtype=acc)
-    sq = torch.zeros_like(mean)
-    for start in range(0, n, rows):
-        block = t[:, :, start:start + rows]
-        part = buf[:, :, :block.shape[2]]
-        part.copy_(block)
-        part.mul_(part)
-        sq += part.sum(2)
-    return mean, sq / n
+    if _COMPILED_MOMENTS and t.is_cpu and not torch.compiler.is_compiling():
+        return torch.ops.performer.moments(t)
+    x, n = t.to(acc), t.shape[2]
+    return x.sum(2) / n, x.square().sum(2) / n
 
 
-_SQUARE_BLOCK = 1 << 18  # elements of the squares' buffer (1 MiB in float32)
+_COMPILED_MOMENTS = unavailable_reason() is None
 
 
 def _check_scale(query: torch.Tensor, scale: Optional[float]) -> float:

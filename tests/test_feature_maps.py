@@ -212,19 +212,22 @@ def test_rescaling_and_centering_leave_exact_attention_unchanged(rescale, center
         torch.testing.assert_close(x2, y2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_statistics_match_their_plain_formulas(dtype, monkeypatch):
-    """The moments behind the statistics (summed a block of rows at a time: a small block forces
-    several and a ragged last one) on non-contiguous inputs, against the plain formulas in float64."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["moments_op", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_statistics_match_their_plain_formulas(dtype, compiled, monkeypatch):
+    """The statistics from the compiled moments (several 256-row blocks and a ragged last one) and
+    from torch, on non-contiguous inputs, against the plain formulas in float64."""
     import performer.feature_maps as fm
-    monkeypatch.setattr(fm, "_SQUARE_BLOCK", 3 * 2 * 16)
+    if compiled and not fm._COMPILED_MOMENTS:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(fm, "_COMPILED_MOMENTS", compiled)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, 16, 41, generator=g, dtype=torch.float64).transpose(2, 3)   # (2, 4, 41, 16)
-    k = torch.randn(2, 2, 16, 41, generator=g, dtype=torch.float64).transpose(2, 3) + 0.5
+    q = torch.randn(2, 4, 16, 301, generator=g, dtype=torch.float64).transpose(2, 3)   # (2, 4, 301, 16)
+    k = torch.randn(2, 2, 16, 602, generator=g, dtype=torch.float64).transpose(2, 3) + 0.5
     q, k = q.to(dtype), k.to(dtype)
     scale = 0.3
     mean, log_psi, a = FeatureMap().statistics(q, k, scale, None)
-    x = q.double().reshape(2, 2, 82, 16) * scale ** 0.5
+    x = q.double().reshape(2, 2, 602, 16) * scale ** 0.5
     y = k.double() * scale ** 0.5
     y_mean = y.mean(2)
     y_var = (y - y_mean[:, :, None]).square().mean(2)
@@ -234,6 +237,20 @@ def test_statistics_match_their_plain_formulas(dtype, monkeypatch):
     torch.testing.assert_close(mean.double(), y_mean, **tol)
     torch.testing.assert_close(log_psi.double(), psi.log(), **tol)
     torch.testing.assert_close(a.double(), favor_pp_coefficient(rho), **tol)
+
+
+def test_moments_op_checks_and_opcheck():
+    import performer.feature_maps as fm
+    if not fm._COMPILED_MOMENTS:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 3, 5, 300).transpose(2, 3)
+    torch.library.opcheck(torch.ops.performer.moments.default, (x,))
+    mean, sq = torch.ops.performer.moments(x[:, :, :0])
+    assert mean.shape == sq.shape == (2, 3, 5) and not mean.any() and not sq.any()
+    with pytest.raises(ValueError, match=r"x must have shape \(B, G, N, E\)"):
+        torch.ops.performer.moments(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="x must be floating point"):
+        torch.ops.performer.moments(torch.ones(1, 1, 2, 2, dtype=torch.int32))
 
 
 def test_favor_pp_estimate_is_unbiased():

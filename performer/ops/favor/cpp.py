@@ -24,6 +24,7 @@ if unavailable_reason() is None:
     torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)
     torch.library.register_fake("performer::favor_backward")(opdef.backward_fake)
     opdef.register_autograd("performer::favor_forward", torch.ops.performer.favor_backward)
+    torch.library.register_fake("performer::moments")(opdef.moments_fake)
     torch.library.register_fake("performer::favor_step")(opdef.step_fake)
     torch.library.register_fake("performer::favor_step_")(opdef.step_inplace_fake)
 

@@ -38,6 +38,11 @@ def forward_fake(q, k, v, features, feature_bias, key_padding_mask, scale, causa
             q.new_empty(B, H, L, dtype=acc), q.new_empty(B, H, L, dtype=acc), q.new_empty(B, Hk, S, dtype=acc))
 
 
+def moments_fake(x):
+    B, G, _, E = x.shape
+    return x.new_empty(B, G, E, dtype=acc_dtype(x)), x.new_empty(B, G, E, dtype=acc_dtype(x))
+
+
 def step_fake(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel):
     B, H, T, _ = q.shape
     Hk, Ev, m = k.shape[1], v.shape[3], features.shape[0]
