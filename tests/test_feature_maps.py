@@ -73,6 +73,30 @@ def test_per_head_features_and_bias_values_and_gradients(backend, shape, layout,
         assert err < 5e-4, f"{name}: max error {err:.2e} of {scale:.2e}"
 
 
+HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative error of whole tensors
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", list(HALF_TOL), ids=["bf16", "f16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_head_features_and_bias_in_half_types(backend, dtype, causal):
+    """16-bit q, k, v, features and bias (float32 accumulation): outputs and every gradient against
+    the float64 dense reference of the same 16-bit values."""
+    q, k, v, w, bias, mask = _inputs(SHAPES[0], "per_batch_head", dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, w, bias)]
+    out = performer.favor_attention(q, k, v, is_causal=causal, features=w, feature_bias=bias, key_padding_mask=mask,
+                                    backend=backend)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _dense(*leaves64, mask, causal, "softmax")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    expected = torch.autograd.grad(ref, leaves64, grad_out)
+    for name, a, b in [("out", out, ref)] + list(zip(("dq", "dk", "dv", "dfeatures", "dbias"), got, expected)):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        err = ((a.detach().double() - b).norm() / b.norm()).item()
+        assert err < HALF_TOL[dtype] * (1 if name == "out" else 2), f"{name}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
 def test_gradcheck_features_and_bias(layout, causal):
