@@ -292,10 +292,11 @@ def _broadcast_shapes(x: tuple, y: tuple) -> Optional[tuple]:
 
 class FavorStepArgs(NamedTuple):
     """Validated favor_attention_step arguments: FavorArgs' canonical q (B, H, T, E), k (B, Hk, T, E),
-    v (B, Hk, T, Ev), features, key_padding_mask (None or bool (B, T)), scale and kernel; ``state``
-    None or the (kv, normalizer, key_max) tuple checked against them; ``out_shape`` the output's
-    shape in the caller's layout (None: already (B, H, T, Ev)); ``inplace``: the caller lets the
-    step update ``state``'s tensors; ``plain``: no tensor is a subclass (FakeTensor, ...)."""
+    v (B, Hk, T, Ev), features ((m, E) or (Bf, Hf, m, E)), key_padding_mask (None or bool (B, T)),
+    scale and kernel; ``state`` None or the (kv, normalizer, key_max) tuple checked against them;
+    ``out_shape`` the output's shape in the caller's layout (None: already (B, H, T, Ev));
+    ``inplace``: the caller lets the step update ``state``'s tensors; ``plain``: no tensor is a
+    subclass (FakeTensor, ...); ``feature_bias`` None or of the features' shape without E."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -308,6 +309,7 @@ class FavorStepArgs(NamedTuple):
     state: Optional[tuple]
     inplace: bool
     plain: bool = False   # every tensor is a plain torch.Tensor (no subclass), as the fast path checks
+    feature_bias: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -326,7 +328,8 @@ class FavorStepArgs(NamedTuple):
 
     def memo_key(self) -> tuple:
         """What favor_attention_step's backends decide on (performer._dispatch.select)."""
-        return self.q.device.type, self.q.dtype, self.needs_grad()
+        return (self.q.device.type, self.q.dtype, self.needs_grad(),
+                self.features.dim() == 2 and self.feature_bias is None)
 
 
 _TENSOR = torch.Tensor
@@ -375,12 +378,13 @@ def _fast_step_args(q, k, v, state, f, scale, kernel, mask, inplace) -> Optional
 
 
 def validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask,
-                        inplace: bool = False) -> FavorStepArgs:
+                        inplace: bool = False, feature_bias=None) -> FavorStepArgs:
     """favor_attention's checks for the new positions (causal, one key per query), then the state's
     shapes against them."""
-    fast = _fast_step_args(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
-    if fast is not None:
-        return fast
+    if feature_bias is None:
+        fast = _fast_step_args(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
+        if fast is not None:
+            return fast
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool; got {type(inplace).__name__}")
     q = check_tensor("query", query, min_dim=2)
@@ -388,18 +392,16 @@ def validate_favor_step(query, key, value, state, features, scale, kernel, key_p
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"key must hold one new position per query position (dim -2): query has {q.shape[-2]}, "
                          f"key has {k.shape[-2]}")
-    args = validate_favor(query, key, value, None, 0.0, True, scale, features, key_padding_mask, kernel)
-    if args.features.dim() != 2:
-        raise ValueError(f"features must have shape (num_features, E) = (m, {q.shape[-1]}) for the decoding step "
-                         f"(one matrix for every head); got shape {tuple(features.shape)}")
+    args = validate_favor(query, key, value, None, 0.0, True, scale, features, key_padding_mask, kernel,
+                          feature_bias)
     out_shape = args.out_shape if q.dim() != 4 else None
     if state is None:
         return FavorStepArgs(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.kernel,
-                             out_shape, None, inplace)
+                             out_shape, None, inplace, feature_bias=args.feature_bias)
     if not isinstance(state, tuple) or len(state) != 3:
         raise TypeError(f"state must be the FavorState (kv, normalizer, key_max) returned by favor_attention_step "
                         f"or None; got {type(state).__name__}")
-    B, Hk, m, Ev = args.k.shape[0], args.k.shape[1], args.features.shape[0], args.v.shape[3]
+    B, Hk, m, Ev = args.k.shape[0], args.k.shape[1], args.features.shape[-2], args.v.shape[3]
     acc = torch.float64 if args.dtype == torch.float64 else torch.float32
     expected = (("kv", (B, Hk, m, Ev), "(B, Hk, m, Ev)"), ("normalizer", (B, Hk, m), "(B, Hk, m)"),
                 ("key_max", (B, Hk), "(B, Hk)"))
@@ -414,7 +416,7 @@ def validate_favor_step(query, key, value, state, features, scale, kernel, key_p
                             f"{_dtype_name(args.dtype)} inputs); got {_dtype_name(t.dtype)}")
         check_same_device(f"state.{name}", t, "query", q)
     return FavorStepArgs(args.q, args.k, args.v, args.features, args.key_padding_mask, args.scale, args.kernel,
-                         out_shape, tuple(state), inplace)
+                         out_shape, tuple(state), inplace, feature_bias=args.feature_bias)
 
 
 # ---- modules (performer.nn) ------------------------------------------------------------------------

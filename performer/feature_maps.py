@@ -215,6 +215,22 @@ class FeatureMap(nn.Module):
         return Prepared(x, y, scaled, bias)
 
 
+def prepare(feature_map, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
+            feature_bias: Optional[torch.Tensor], scale: float, causal: bool, kernel: str,
+            key_padding_mask: Optional[torch.Tensor]) -> Optional[Prepared]:
+    """What favor_attention and favor_attention_step run with ``feature_map`` on their validated
+    canonical arguments, or None where the map changes nothing; the checks they share."""
+    if not isinstance(feature_map, FeatureMap):
+        raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
+    if kernel != "softmax":
+        raise ValueError(f"feature_map applies to the softmax kernel only; got kernel={kernel!r}")
+    if feature_bias is not None:
+        raise ValueError("feature_map builds feature_bias itself: pass one or the other")
+    if feature_map.is_identity:
+        return None
+    return feature_map(query, key, features, scale, causal, key_padding_mask)
+
+
 def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

@@ -202,10 +202,54 @@ def test_bad_features_and_bias_name_the_argument(features, bias, fragment):
     assert fragment in str(info.value)
 
 
-def test_decoding_step_takes_one_feature_matrix():
-    q, k, v, w, _, _ = _inputs(SHAPES[0], "per_head", torch.float32)
-    with pytest.raises(ValueError, match="features must have shape .* for the decoding step"):
-        performer.favor_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, features=w)
+@pytest.mark.parametrize("pieces", [(1,) * 9 + (28,), (5, 7, 25), (37,)], ids=["tokens", "chunks", "whole"])
+@pytest.mark.parametrize("layout", ["per_head", "per_batch_head"])
+def test_decoding_steps_with_feature_sets_and_bias_match_the_causal_op(layout, pieces):
+    """Per-head features with a bias, stepped through in pieces (GQA, a padding mask): the causal
+    op's output, from the torch step (the compiled step declines them, naming why)."""
+    q, k, v, w, bias, mask = _inputs(SHAPES[0], layout, torch.float64)
+    full = performer.favor_attention(q, k, v, is_causal=True, features=w, feature_bias=bias, key_padding_mask=mask)
+    # a plain step first: the backend chosen for it must not be reused for these features
+    performer.favor_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, features=w.flatten(0, -3)[0])
+    state, outs, t0 = None, [], 0
+    for n in pieces:
+        sl = slice(t0, t0 + n)
+        out, state = performer.favor_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, features=w,
+                                                    feature_bias=bias, key_padding_mask=mask[:, sl])
+        outs.append(out)
+        t0 += n
+    torch.testing.assert_close(torch.cat(outs, dim=2), full)
+    with pytest.raises(ValueError, match="takes one \\(m, E\\) matrix of features without feature_bias"):
+        performer.favor_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, features=w,
+                                       feature_bias=bias, backend="cpp")
+
+
+def test_decoding_steps_with_a_frozen_map_match_the_causal_op():
+    """favor_attention_step(..., feature_map=) token by token and PerformerAttention decoding with a
+    cache give the causal op's output with the same frozen map; an unfrozen map is refused."""
+    q, k, v = _scaled_inputs(L=30)
+    w = performer.orthogonal_features(32, 16, generator=torch.Generator().manual_seed(0), dtype=q.dtype)
+    fmap = FeatureMap().freeze(q, k)
+    full = performer.favor_attention(q, k, v, is_causal=True, features=w, feature_map=fmap)
+    state, outs = None, []
+    for t in range(30):
+        out, state = performer.favor_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                                                    features=w, feature_map=fmap, inplace=True)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=2), full)
+    with pytest.raises(ValueError, match="needs frozen statistics in causal attention"):
+        performer.favor_attention_step(q, k, v, None, features=w, feature_map=FeatureMap())
+    attn = performer.PerformerAttention(32, 2, batch_first=True, num_features=16, dtype=torch.float64,
+                                        feature_map=FeatureMap(), generator=torch.Generator().manual_seed(1))
+    x = 0.5 * torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        qh, kh = (t.unflatten(-1, (2, 16)).transpose(1, 2) for t in attn._project(x, x, x)[:2])
+    attn.feature_map.freeze(qh, kh, 1 / 16 ** 0.5)
+    causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    expected, _ = attn(x, x, x, attn_mask=causal, is_causal=True)
+    cache = performer.nn.DecodingCache()
+    steps = [attn(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=cache)[0] for t in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected)
 
 
 # ---- the feature maps --------------------------------------------------------------------------

@@ -338,7 +338,8 @@ def test_convert_points_hf_models_to_the_integration(build):
 def test_calibrate_lowers_the_last_layer_error(build):
     """performer.calibrate on a model built from a config (random weights): the last hidden state's
     error to the same model with exact attention drops >= 3x (measured with m=64, 150 steps: Llama
-    with GQA 0.0210 -> 0.0015, GPT-2 0.0018 -> 0.0001), and no weight of the model changes."""
+    with GQA 0.0210 -> 0.0015, GPT-2 0.0018 -> 0.0001), no weight of the model changes, and cached
+    generation keeps the calibrated attention."""
     if build == "llama":
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -367,3 +368,9 @@ def test_calibrate_lowers_the_last_layer_error(build):
         if name.endswith(favor_hf.FEATURES) or favor_hf.FEATURE_MAP in name:
             continue
         assert torch.equal(p, weights[name]), name
+    # generation with a FavorCache runs the calibrated maps and features too: the logits of
+    # recomputing the whole sequence at every step
+    ids = tokens(2, 6, seed=5)
+    _, full = _generate(model, ids, None, n=4)
+    _, cached = _generate(model, ids, favor_hf.FavorCache(), n=4)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)

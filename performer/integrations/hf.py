@@ -222,16 +222,17 @@ def _favor_attention_forward(options, module, query, key, value, attention_mask,
     if causal is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     features = _features(options, module, query.shape[-1], query)
+    feature_map = getattr(module, FEATURE_MAP, None)
     layer = kwargs.get(_LAYER_KWARG)
     if layer is not None:  # generation with a FavorCache: continue the layer's recurrent state
         if not causal:
             raise ValueError(f"FavorCache holds a causal state, but {type(module).__name__} attends bidirectionally "
                              "here; use it only with decoder (causal) attention")
         out, layer.state = favor_attention_step(query, key, value, layer.state, features=features, scale=scaling,
-                                                kernel=options["kernel"], key_padding_mask=padding, inplace=True)
+                                                kernel=options["kernel"], key_padding_mask=padding, inplace=True,
+                                                feature_map=feature_map)
         layer.pending = False
     else:
-        feature_map = getattr(module, FEATURE_MAP, None)
 
         def run() -> torch.Tensor:
             return favor_attention(query, key, value, is_causal=causal and L > 0, scale=scaling, features=features,

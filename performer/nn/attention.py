@@ -183,10 +183,9 @@ class PerformerAttention(RandomFeatures):
             k, v, mask = self._append_keys(k, v, mask)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            if self.feature_map is not None and not self.feature_map.is_identity:
-                raise ValueError("decoding with a cache runs plain FAVOR+ only: this module has a feature_map")
             out, cache.state = favor_attention_step(q, k, v, cache.state, features=self._features_for_forward(),
-                                                    kernel=self.kernel, key_padding_mask=mask, inplace=True)
+                                                    kernel=self.kernel, key_padding_mask=mask, inplace=True,
+                                                    feature_map=self.feature_map)
         else:
             out = self._run_favor(q, k, v, x.causal, mask)
         out = F.dropout(out.transpose(1, 2).flatten(2), self.dropout, self.training)  # (N, L, E)

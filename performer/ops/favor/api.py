@@ -9,7 +9,7 @@ import torch
 from ... import _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor
-from ...feature_maps import FeatureMap
+from ...feature_maps import FeatureMap, prepare
 from . import triton as triton_backend
 from .cpp import cuda_reason, favor_cpp
 from .reference import favor_torch
@@ -95,13 +95,8 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def _apply(feature_map: FeatureMap, args):
     """The validated arguments with the feature map's query, key, features and bias (scale 1)."""
-    if not isinstance(feature_map, FeatureMap):
-        raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
-    if args.kernel != "softmax":
-        raise ValueError(f"feature_map applies to the softmax kernel only; got kernel={args.kernel!r}")
-    if args.feature_bias is not None:
-        raise ValueError("feature_map builds feature_bias itself: pass one or the other")
-    if feature_map.is_identity:
+    p = prepare(feature_map, args.q, args.k, args.features, args.feature_bias, args.scale, args.causal, args.kernel,
+                args.key_padding_mask)
+    if p is None:
         return args
-    p = feature_map(args.q, args.k, args.features, args.scale, args.causal, args.key_padding_mask)
     return dataclasses.replace(args, q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0)

@@ -10,6 +10,7 @@ import torch
 from ... import _C_loader, _dispatch
 from ..._C_loader import unavailable_reason
 from ..._validate import FLOAT_DTYPES, validate_favor_step
+from ...feature_maps import FeatureMap, prepare
 from .cpp import step_cuda_reason
 from .reference import favor_torch
 
@@ -43,6 +44,9 @@ class FavorState(NamedTuple):
 def _cpp_check(args) -> Optional[str]:
     if args.needs_grad():
         return "has no gradient (a gradient is recorded for query, key, value or the state); the torch backend has"
+    if args.features.dim() != 2 or args.feature_bias is not None:
+        return ("takes one (m, E) matrix of features without feature_bias (per-head features, a bias and feature "
+                "maps run on the torch backend)")
     return step_cuda_reason() if args.device.type == "cuda" else None
 
 
@@ -109,7 +113,7 @@ def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
 
 def _step_torch(a) -> tuple[torch.Tensor, FavorState]:
     out, final = favor_torch(a.q, a.k, a.v, a.features, a.key_padding_mask, a.scale, True, a.kernel,
-                             initial_state=a.state, return_state=True)
+                             initial_state=a.state, return_state=True, feature_bias=a.feature_bias)
     return out, FavorState(*final)
 
 
@@ -127,7 +131,8 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          state: Optional[FavorState] = None, *, features: torch.Tensor,
                          scale: Optional[float] = None, kernel: str = "softmax",
                          key_padding_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                         inplace: bool = False) -> tuple[torch.Tensor, FavorState]:
+                         inplace: bool = False, feature_bias: Optional[torch.Tensor] = None,
+                         feature_map: Optional[FeatureMap] = None) -> tuple[torch.Tensor, FavorState]:
     """Causal FAVOR+ attention for new positions, continuing from ``state``.
 
     Stepping through a sequence in pieces of any sizes gives what
@@ -141,12 +146,18 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         value: (..., T, Ev).
         state: None to start a sequence, else the FavorState returned for the previous positions
             (same batch, key heads, features and value size).
-        features, scale, kernel: as for favor_attention; keep them the same for a whole sequence.
+        features, scale, kernel, feature_bias: as for favor_attention; keep them the same for a
+            whole sequence.
+        feature_map: None or a frozen ``performer.FeatureMap`` (its statistics fixed by ``freeze``
+            or ``performer.calibrate``), as for causal favor_attention: the steps then give what
+            favor_attention(..., is_causal=True, feature_map=feature_map) gives on the whole
+            sequence.
         key_padding_mask: bool (N, T) ((T,) for 2-D inputs); True ignores that new key for this
             and all later positions.
         backend: None picks the first that fits: "cpp" (the fused C++ step, one call; on the CPU,
-            and on CUDA tensors when asked for) unless a gradient is needed, else "torch" (the
-            recurrent form in plain PyTorch, differentiable, any device). A name forces one.
+            and on CUDA tensors when asked for; one (m, E) matrix of features, no bias or feature
+            map) unless a gradient is needed, else "torch" (the recurrent form in plain PyTorch,
+            differentiable, any device, every kind of features). A name forces one.
         inplace: False (default) leaves ``state``'s tensors untouched and returns new ones. True
             lets the step update them in place and return them (the "cpp" backend does so for
             contiguous states, saving a state-sized allocation and copy per call; "torch" returns
@@ -155,11 +166,25 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Returns:
         (output (..., T, Ev) in the query's dtype, the FavorState after the new positions).
     """
-    if inplace is True and state is not None and (backend is None or backend == "cpp"):
+    if (inplace is True and state is not None and (backend is None or backend == "cpp") and feature_bias is None
+            and feature_map is None):
         out = _step_in_place_direct(query, key, value, state, features, scale, kernel, key_padding_mask)
         if out is not None:
             return out, state
-    args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace)
+    args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace,
+                               feature_bias)
+    if feature_map is not None:
+        args = _apply(feature_map, args)
     impl = _dispatch.select(OP, args, backend)
     out, final = impl.run(args)
     return (out if args.out_shape is None else out.reshape(args.out_shape)), final
+
+
+def _apply(feature_map: FeatureMap, args):
+    """The validated step arguments with the (frozen) feature map's query, key, features and bias."""
+    p = prepare(feature_map, args.q, args.k, args.features, args.feature_bias, args.scale, True, args.kernel,
+                args.key_padding_mask)
+    if p is None:
+        return args
+    return args._replace(q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0,
+                         plain=False)
