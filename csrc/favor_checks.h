@@ -8,6 +8,7 @@
 #include <limits>
 #include <optional>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -94,8 +95,27 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
   return in;
 }
 
-// For the kernels that take one (m, E) matrix of features and no bias: the decoding step, and the
-// CUDA kernels for now.
+// The backward's gradients with respect to the features and their bias: with features_grad, zeroed
+// buffers in the layout and accumulation dtype of in.features and in.bias (the bias's only when there
+// is one) for the kernels to add to; result() gives them in the caller's shapes and dtypes, or empty
+// tensors where they were not computed.
+struct FeatureGrads {
+  at::Tensor features, bias;
+
+  FeatureGrads(const FavorInputs& in, bool features_grad) {
+    if (!features_grad) return;
+    features = at::zeros_like(in.features);
+    if (in.bias.defined()) bias = at::zeros_like(in.bias);
+  }
+
+  std::pair<at::Tensor, at::Tensor> result(const at::Tensor& w, const std::optional<at::Tensor>& b) const {
+    const at::Tensor none = at::empty({0}, w.options());
+    return {features.defined() ? features.view(w.sizes()).to(w.scalar_type()) : none,
+            bias.defined() ? bias.view(b->sizes()).to(b->scalar_type()) : none};
+  }
+};
+
+// For the kernels that take one (m, E) matrix of features and no bias: the decoding step.
 inline void check_shared_features(const FavorInputs& in, const char* op) {
   PERFORMER_CHECK_VALUE(in.Bf == 1 && in.Hf == 1 && !in.bias.defined(), "features",
                         "be one (m, E) matrix without feature_bias in ", op,

@@ -88,21 +88,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_bac
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  at::Tensor dfeatures = at::empty({0}, features.options()), dbias = at::empty({0}, features.options());
-  at::Tensor dw, db;
-  if (features_grad) {
-    dw = at::zeros_like(in.features);
-    p.dfeatures = dw.data_ptr();
-    if (in.bias.defined()) {
-      db = at::zeros_like(in.bias);
-      p.dfeature_bias = db.data_ptr();
-    }
-  }
+  FeatureGrads grads(in, features_grad);
+  if (grads.features.defined()) p.dfeatures = grads.features.data_ptr();
+  if (grads.bias.defined()) p.dfeature_bias = grads.bias.data_ptr();
   kernels().favor_backward(p);
-  if (features_grad) {
-    dfeatures = dw.view(features.sizes()).to(features.scalar_type());
-    if (db.defined()) dbias = db.view(feature_bias->sizes()).to(feature_bias->scalar_type());
-  }
+  auto [dfeatures, dbias] = grads.result(features, feature_bias);
   return {dq, dk, dv, dfeatures, dbias};
 }
 

@@ -1298,15 +1298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_bac
   at::Tensor dq = at::zeros({p.B, p.H, p.L, p.E}, acc_options);
   at::Tensor dk = at::zeros({p.B, p.Hk, p.S, p.E}, acc_options);
   at::Tensor dv = at::zeros({p.B, p.Hk, p.S, p.Ev}, acc_options);
-  at::Tensor dW, dbias;
-  if (features_grad) {
-    dW = at::zeros_like(in.features);
-    p.dW = dW.data_ptr();
-    if (in.bias.defined()) {
-      dbias = at::zeros_like(in.bias);
-      p.dbias = dbias.data_ptr();
-    }
-  }
+  FeatureGrads grads(in, features_grad);
+  if (grads.features.defined()) p.dW = grads.features.data_ptr();
+  if (grads.bias.defined()) p.dbias = grads.bias.data_ptr();
   if (p.B > 0) {
     p.grad_out = view_of(grad_out);
     p.out_saved = view_of(out);
@@ -1321,10 +1315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_bac
     dispatch(q.scalar_type(), [&](auto t) { backward_impl<decltype(t)>(p, q, stream); });
   }
   const auto dtype = q.scalar_type();
-  const at::Tensor none = at::empty({0}, features.options());
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype),
-          features_grad ? dW.view(features.sizes()).to(features.scalar_type()) : none,
-          dbias.defined() ? dbias.view(feature_bias->sizes()).to(feature_bias->scalar_type()) : none};
+  auto [dfeatures, dbias] = grads.result(features, feature_bias);
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype), dfeatures, dbias};
 }
 
 }  // namespace
