@@ -2,8 +2,8 @@
 
 Every map here rewrites the inputs of ``favor_attention`` (query, key, features, feature_bias) and
 leaves the kernels alone, so it runs on every backend (each takes per-head features and
-feature_bias). With x = sqrt(scale) q and
-y = sqrt(scale) k, the softmax kernel exp(x.y) is estimated by:
+feature_bias). With x = sqrt(scale) q and y = sqrt(scale) k, the softmax kernel exp(x.y) is
+estimated by:
 
 - key centering: y -> y - mean(y) over the visible keys of each (batch, key head). Exact for softmax
   attention (x.mean(y) is a constant per query and cancels in the normalization), and it shrinks
