@@ -235,9 +235,10 @@ def test_strided_inputs(simt, causal):
     _compare(simt, SHAPES["gqa_odd"], torch.float32, True, causal, "softmax", transposed=True)
 
 
+@pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_large_logits_stay_finite(simt, causal):
-    emu, grads = _compare(simt, SHAPES["tiles"], torch.float32, False, causal, "softmax", scale=8.0)
+def test_large_logits_stay_finite(simt, causal, layout):
+    emu, grads = _compare(simt, SHAPES["tiles"], torch.float32, False, causal, "softmax", scale=8.0, layout=layout)
     for t in (emu[0], *grads):
         assert torch.isfinite(t).all()
 

@@ -140,6 +140,26 @@ def test_huge_logits_stay_finite(causal, dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_huge_logits_with_a_feature_map_stay_finite(causal):
+    """FAVOR++ with rescaling and centering (frozen for causal) at logits up to about 1e4: finite
+    outputs and gradients, including those of the per-head features and bias."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g) for _ in range(3))
+    q, k = q * 50.0, k * 50.0
+    w = performer.orthogonal_features(32, 16, generator=g)
+    fmap = performer.FeatureMap().freeze(q, k)
+    p = fmap(q, k, w, 16 ** -0.5, causal)
+    x = _to_device(p.query.requires_grad_(), p.key.requires_grad_(), v.requires_grad_(),
+                   p.features.detach().requires_grad_(), p.feature_bias.detach().requires_grad_())
+    out = performer.favor_attention(*x[:3], is_causal=causal, scale=1.0, features=x[3], feature_bias=x[4],
+                                    backend="triton")
+    assert torch.isfinite(out).all()
+    grads = torch.autograd.grad(out, x, torch.ones_like(out))
+    for name, grad in zip(("dq", "dk", "dv", "dfeatures", "dbias"), grads):
+        assert torch.isfinite(grad).all(), f"{name} not finite"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_fully_masked_rows_are_zero_with_finite_grads(causal):
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(3, 2, 40, 8, generator=g) for _ in range(3))
