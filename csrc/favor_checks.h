@@ -109,9 +109,9 @@ struct FeatureGrads {
   }
 
   std::pair<at::Tensor, at::Tensor> result(const at::Tensor& w, const std::optional<at::Tensor>& b) const {
-    const at::Tensor none = at::empty({0}, w.options());
-    return {features.defined() ? features.view(w.sizes()).to(w.scalar_type()) : none,
-            bias.defined() ? bias.view(b->sizes()).to(b->scalar_type()) : none};
+    // Two distinct empty tensors: the op's outputs must not alias each other.
+    return {features.defined() ? features.view(w.sizes()).to(w.scalar_type()) : at::empty({0}, w.options()),
+            bias.defined() ? bias.view(b->sizes()).to(b->scalar_type()) : at::empty({0}, w.options())};
   }
 };
 
