@@ -695,7 +695,6 @@ __global__ void __launch_bounds__(kThreads, kSmallBlocks) query_part_kernel(Para
   const int64_t vt = blk.vt, j0 = blk.j0, seg = blk.seg, bhk = blk.bhk, b = bhk / p.Hk, hk = bhk % p.Hk,
                 e0 = vt * VT, set = feature_set(p, b, hk);
   const Range span = segment<R>(p, seg, p.L);
-  const A c = A(p.c);
   const A* shift = static_cast<const A*>(p.kshift) + bhk * p.S;
   const A Rseg = p.causal && span.begin > 0 ? shift[span.begin - 1] : neg_inf<A>();
   A acc[TF][TV];

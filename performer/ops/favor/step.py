@@ -74,7 +74,8 @@ def _step_in_place_direct(q, k, v, state, features, scale, kernel, mask) -> Opti
     kv, z, key_max = state
     if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) is _TENSOR
             and type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
-            and (mask is None or type(mask) is _TENSOR) and q.is_cpu and q.dim() == 4):
+            and (mask is None or type(mask) is _TENSOR) and q.is_cpu and q.dim() == 4
+            and features.dim() == 2):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv.requires_grad
                                     or z.requires_grad or key_max.requires_grad):
