@@ -115,15 +115,6 @@ struct FeatureGrads {
   }
 };
 
-// For the kernels that take one (m, E) matrix of features and no bias: the decoding step.
-inline void check_shared_features(const FavorInputs& in, const char* op) {
-  PERFORMER_CHECK_VALUE(in.Bf == 1 && in.Hf == 1 && !in.bias.defined(), "features",
-                        "be one (m, E) matrix without feature_bias in ", op,
-                        " (per-head features and feature_bias are for performer.favor_attention)",
-                        "; got ", "features of shape ", in.features.sizes(),
-                        in.bias.defined() ? " with feature_bias" : "");
-}
-
 // The backward's extra inputs: grad_out and out (B, H, L, Ev) like q, and the forward's saved
 // statistics in the accumulation dtype. Returns the statistics contiguous: state, den, query_shift,
 // key_shift.

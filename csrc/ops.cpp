@@ -27,16 +27,18 @@ TORCH_LIBRARY(performer, m) {
         "Tensor key_shift, float scale, bool causal, str kernel, bool features_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One causal decoding step: T >= 0 new positions q (B, H, T, E), k (B, Hk, T, E), v (B, Hk, T, Ev)
-  // (causal among themselves; key_padding_mask (B, T)) continuing the recurrent state kv (B, Hk, m, Ev),
-  // normalizer (B, Hk, m), key_max (B, Hk) in the accumulation dtype (all three None: an empty state),
+  // (causal among themselves; key_padding_mask (B, T); features and feature_bias as favor_forward's)
+  // continuing the recurrent state kv (B, Hk, m, Ev), normalizer (B, Hk, m), key_max (B, Hk) in the
+  // accumulation dtype (all three None: an empty state),
   // as performer.FavorState defines it. Returns out (B, H, T, Ev) in q's dtype and the state after
   // the new positions (new tensors: the given state is not modified). No autograd: the Python API
   // runs the differentiable plain-PyTorch step when a gradient is needed.
-  m.def("favor_step(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, Tensor? kv, "
-        "Tensor? normalizer, Tensor? key_max, float scale, str kernel) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("favor_step(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? feature_bias, Tensor? key_padding_mask, "
+        "Tensor? kv, Tensor? normalizer, Tensor? key_max, float scale, str kernel) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // The same step updating a given state in place (contiguous tensors); returns out.
-  m.def("favor_step_(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? key_padding_mask, Tensor(a!) kv, "
-        "Tensor(b!) normalizer, Tensor(c!) key_max, float scale, str kernel) -> Tensor");
+  m.def("favor_step_(Tensor q, Tensor k, Tensor v, Tensor features, Tensor? feature_bias, Tensor? key_padding_mask, "
+        "Tensor(a!) kv, Tensor(b!) normalizer, Tensor(c!) key_max, float scale, str kernel) -> Tensor");
   // The per-dimension mean and mean square over dim 2 of x (B, G, N, E), each (B, G, E) in the
   // accumulation dtype (zeros for N = 0): the statistics of performer.FeatureMap in one read of x.
   m.def("moments(Tensor x) -> (Tensor, Tensor)");
@@ -71,11 +73,13 @@ TORCH_LIBRARY(performer, m) {
 // gradient (torch.compile and everything else go through torch.ops.performer.*).
 PYBIND11_MODULE(_C, m) {
   m.def("favor_step_", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                          const std::optional<at::Tensor>& feature_bias,
                           const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
                           at::Tensor& key_max, double scale, const std::string& kernel) {
     TORCH_CHECK(q.device().is_cpu(), "performer._C.favor_step_ runs on CPU tensors; got ", q.device());
     pybind11::gil_scoped_release no_gil;
-    return performer::cpu::favor_step_inplace(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale,
+    return performer::cpu::favor_step_inplace(q, k, v, features, feature_bias, key_padding_mask, kv, normalizer,
+                                              key_max, scale,
                                               c10::string_view(kernel.data(), kernel.size()));
   });
   m.def("block_sparse_linear", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& block_cols,

@@ -328,8 +328,7 @@ class FavorStepArgs(NamedTuple):
 
     def memo_key(self) -> tuple:
         """What favor_attention_step's backends decide on (performer._dispatch.select)."""
-        return (self.q.device.type, self.q.dtype, self.needs_grad(),
-                self.features.dim() == 2 and self.feature_bias is None)
+        return (self.q.device.type, self.q.dtype, self.needs_grad())
 
 
 _TENSOR = torch.Tensor

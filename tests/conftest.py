@@ -163,6 +163,22 @@ def make_case(spec: Spec, dtype: torch.dtype = torch.float32, *, masked: bool = 
     return Case(f"{spec.id}-{'mask' if masked else 'nomask'}", spec, q, k, v, features, mask)
 
 
+def feature_sets(features, layout, B, Hk, seed=3):
+    """features (m, E) -> per key head (1, Hk, m, E) or per batch element and key head (B, Hk, m, E)
+    (each set the shared matrix with its own rows scaled and permuted), with a bias of that shape
+    without E; layout "shared" keeps the matrix and adds no bias."""
+    if layout == "shared":
+        return features, None
+    g = torch.Generator().manual_seed(seed)
+    sets = (B, Hk) if layout == "per_batch_head" else (1, Hk)
+    m, E = features.shape
+    perm = torch.stack([torch.randperm(m, generator=g) for _ in range(sets[0] * sets[1])]).view(*sets, m)
+    scale = (0.7 + 0.6 * torch.rand(*sets, m, 1, generator=g, dtype=torch.float64)).to(features.dtype)
+    w = features[perm] * scale
+    bias = (0.3 * torch.randn(*sets, m, generator=g, dtype=torch.float64)).to(features.dtype)
+    return w, bias
+
+
 def sample_inputs(dtype: torch.dtype = torch.float32, *, requires_grad: bool = False,
                   causal: Optional[bool] = None, seed: int = 0) -> Iterator[Case]:
     """Every spec with and without a padding mask (only L == S specs when ``causal``)."""

@@ -12,7 +12,8 @@ import torch
 
 import performer
 from conftest import (DTYPES, EMPTY_CASES, ERROR_MULTIPLE, EXTREMES, KERNELS, SPECS, Spec, assert_close,
-                      assert_future_invisible, canonical, case_params, dtype_id, make_case, perturb_future)
+                      assert_future_invisible, canonical, case_params, dtype_id, feature_sets, make_case,
+                      perturb_future)
 
 
 def _has_cuda_kernels() -> bool:
@@ -365,26 +366,28 @@ STEP_SHAPES = [(1, 8, 8, 1, 64, 64, 256), (2, 6, 2, 3, 16, 40, 300), (1, 9, 1, 2
 STEP_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def _step_case(shape, dtype, masked, seed=0):
+def _step_case(shape, dtype, masked, seed=0, layout="shared"):
     B, H, Hk, T, E, Ev, m = shape
     g = torch.Generator().manual_seed(seed)
     prefix = [torch.randn(B, n, 6, d, generator=g, dtype=torch.float64).to(dtype) for n, d in ((H, E), (Hk, E), (Hk, Ev))]
     new = [torch.randn(B, n, T, d, generator=g, dtype=torch.float64).to(dtype) for n, d in ((H, E), (Hk, E), (Hk, Ev))]
     features = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
     mask = torch.rand(B, T, generator=g) < 0.3 if masked else None
-    return prefix, new, features, mask
+    return prefix, new, *feature_sets(features, layout, B, Hk), mask
 
 
+@pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
-def test_step_matches_cpu_op(shape, dtype, masked, kernel):
-    prefix, new, features, mask = _step_case(shape, dtype, masked)
+def test_step_matches_cpu_op(shape, dtype, masked, kernel, layout):
+    prefix, new, features, bias, mask = _step_case(shape, dtype, masked, layout=layout)
     scale = shape[4] ** -0.5
-    _, *state = torch.ops.performer.favor_step(*prefix, features, None, None, None, None, scale, kernel)
-    cpu = torch.ops.performer.favor_step(*new, features, mask, *state, scale, kernel)
+    _, *state = torch.ops.performer.favor_step(*prefix, features, bias, None, None, None, None, scale, kernel)
+    cpu = torch.ops.performer.favor_step(*new, features, bias, mask, *state, scale, kernel)
     gpu = torch.ops.performer.favor_step(*(t.to(DEVICE) for t in new), features.to(DEVICE),
+                                         None if bias is None else bias.to(DEVICE),
                                          None if mask is None else mask.to(DEVICE),
                                          *(t.to(DEVICE) for t in state), scale, kernel)
     for name, got, expected in zip(("out", "kv", "normalizer", "key_max"), gpu, cpu):
@@ -394,7 +397,7 @@ def test_step_matches_cpu_op(shape, dtype, masked, kernel):
 
 
 def test_step_in_place_and_through_favor_attention_step():
-    prefix, new, features, mask = _step_case(STEP_SHAPES[1], torch.float32, True)
+    prefix, new, features, _, mask = _step_case(STEP_SHAPES[1], torch.float32, True)
     features = features.to(DEVICE)
     _, state = performer.favor_attention_step(*(t.to(DEVICE) for t in prefix), features=features, backend="torch")
     q, k, v = (t.to(DEVICE) for t in new)
@@ -407,8 +410,8 @@ def test_step_in_place_and_through_favor_attention_step():
 
 
 def test_step_opcheck():
-    prefix, new, features, mask = _step_case(STEP_SHAPES[1], torch.float32, True)
-    args = [t.to(DEVICE) for t in new] + [features.to(DEVICE), mask.to(DEVICE)]
-    _, *state = torch.ops.performer.favor_step(*args[:4], None, None, None, None, 0.25, "softmax")
+    prefix, new, features, bias, mask = _step_case(STEP_SHAPES[1], torch.float32, True, layout="per_head")
+    args = [t.to(DEVICE) for t in new] + [features.to(DEVICE), bias.to(DEVICE), mask.to(DEVICE)]
+    _, *state = torch.ops.performer.favor_step(*args[:5], None, None, None, None, 0.25, "softmax")
     torch.library.opcheck(torch.ops.performer.favor_step, (*args, *state, 0.25, "softmax"))
     torch.library.opcheck(torch.ops.performer.favor_step_, (*args, *(t.clone() for t in state), 0.25, "softmax"))

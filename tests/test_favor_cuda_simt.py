@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import performer
+from conftest import feature_sets
 from performer._C_loader import unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,29 +142,13 @@ def _log_den(den, shift):
     return torch.where(den > 0, den.double().log() + shift.double(), torch.zeros_like(shift, dtype=torch.float64))
 
 
-def _feature_sets(features, layout, B, Hk, seed=3):
-    """features (m, E) -> per key head (1, Hk, m, E) or per batch element and key head (B, Hk, m, E)
-    (each set the shared matrix with its own rows scaled and permuted), with a bias of that shape
-    without E; layout "shared" keeps the matrix and adds no bias."""
-    if layout == "shared":
-        return features, None
-    g = torch.Generator().manual_seed(seed)
-    sets = (B, Hk) if layout == "per_batch_head" else (1, Hk)
-    m, E = features.shape
-    perm = torch.stack([torch.randperm(m, generator=g) for _ in range(sets[0] * sets[1])]).view(*sets, m)
-    scale = (0.7 + 0.6 * torch.rand(*sets, m, 1, generator=g, dtype=torch.float64)).to(features.dtype)
-    w = features[perm] * scale
-    bias = (0.3 * torch.randn(*sets, m, generator=g, dtype=torch.float64)).to(features.dtype)
-    return w, bias
-
-
 def _compare(simt, shape, dtype, masked, causal, kernel, transposed=False, scale=1.0, dominant=None,
              layout="shared"):
     q, k, v, features, mask = _inputs(shape, dtype, masked, transposed, scale=scale)
     sc = shape[5] ** -0.5
     if dominant is not None:  # one key along a feature: the largest feature value of all keys
         k[:, :, dominant] = (features[0] / math.sqrt(sc)).to(dtype)
-    features, bias = _feature_sets(features, layout, shape[0], shape[2])
+    features, bias = feature_sets(features, layout, shape[0], shape[2])
     features_grad = layout != "shared"
     cpu = torch.ops.performer.favor_forward(q, k, v, features, bias, mask, sc, causal, kernel)
     emu = simt.forward(q, k, v, features, bias, mask, sc, causal, kernel)
@@ -291,8 +276,9 @@ STEP_SHAPES = {
 STEP_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def _step_inputs(shape, dtype, masked, prefix, transposed=False, scale=1.0, seed=0):
-    """New positions and, when `prefix`, the state after `prefix` earlier ones (from the CPU op)."""
+def _step_inputs(shape, dtype, masked, prefix, transposed=False, scale=1.0, seed=0, layout="shared"):
+    """New positions and, when `prefix`, the state after `prefix` earlier ones (from the CPU op);
+    features in `layout` (conftest.feature_sets) and their bias."""
     B, H, Hk, T, E, Ev, m = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -300,6 +286,7 @@ def _step_inputs(shape, dtype, masked, prefix, transposed=False, scale=1.0, seed
         return torch.randn(*size, generator=g, dtype=torch.float64)
 
     features = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
+    features, bias = feature_sets(features, layout, B, Hk)
     q, k, v = draw(B, H, T, E) * scale, draw(B, Hk, T, E) * scale, draw(B, Hk, T, Ev)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     if transposed:
@@ -308,18 +295,18 @@ def _step_inputs(shape, dtype, masked, prefix, transposed=False, scale=1.0, seed
     state = (None, None, None)
     if prefix:
         pq, pk, pv = draw(B, H, prefix, E) * scale, draw(B, Hk, prefix, E) * scale, draw(B, Hk, prefix, Ev)
-        _, *state = torch.ops.performer.favor_step(pq.to(dtype), pk.to(dtype), pv.to(dtype), features, None,
-                                                   None, None, None, E ** -0.5, "softmax")
-    return q, k, v, features, mask, tuple(state)
+        _, *state = torch.ops.performer.favor_step(pq.to(dtype), pk.to(dtype), pv.to(dtype), features, bias,
+                                                   None, None, None, None, E ** -0.5, "softmax")
+    return q, k, v, features, bias, mask, tuple(state)
 
 
 def _compare_step(simt, shape, dtype, masked=False, prefix=0, kernel="softmax", **kw):
-    q, k, v, features, mask, state = _step_inputs(shape, dtype, masked, prefix, **kw)
+    q, k, v, features, bias, mask, state = _step_inputs(shape, dtype, masked, prefix, **kw)
     if kernel == "relu" and prefix:  # a softmax prefix's state is not a relu one: draw the prefix with relu
         state = (None, None, None)
     sc = shape[4] ** -0.5
-    cpu = torch.ops.performer.favor_step(q, k, v, features, mask, *state, sc, kernel)
-    emu = simt.step(q, k, v, features, mask, *state, sc, kernel)
+    cpu = torch.ops.performer.favor_step(q, k, v, features, bias, mask, *state, sc, kernel)
+    emu = simt.step(q, k, v, features, bias, mask, *state, sc, kernel)
     errors = {}
     for name, got, expected in zip(("out", "kv", "normalizer", "key_max"), emu, cpu):
         assert got.dtype == expected.dtype and got.shape == expected.shape, \
@@ -329,7 +316,7 @@ def _compare_step(simt, shape, dtype, masked=False, prefix=0, kernel="softmax", 
             _error(got / max(1.0, expected.abs().max().item()), expected / max(1.0, expected.abs().max().item()))
     bad = {n: e for n, e in errors.items() if not e <= STEP_TOL[dtype]}
     assert not bad, f"emulated CUDA step differs from the CPU op: {bad} (all: {errors})"
-    return q, k, v, features, mask, state, emu
+    return q, k, v, features, bias, mask, state, emu
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
@@ -346,29 +333,41 @@ def test_step_half_types_match_cpu_op(simt, shape, dtype):
     _compare_step(simt, STEP_SHAPES[shape], dtype, masked=True, prefix=5)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("layout", ["per_head", "per_batch_head"])
+@pytest.mark.parametrize("shape", ["decode", "gqa_wide", "many_heads"])
+def test_step_feature_sets_and_bias_match_cpu_op(simt, shape, layout, dtype, kernel):
+    """Each (batch, key head) block reads its own feature set and bias."""
+    _compare_step(simt, STEP_SHAPES[shape], dtype, masked=True, prefix=0 if kernel == "relu" else 4, kernel=kernel,
+                  layout=layout)
+
+
 def test_step_from_an_empty_state_and_strided_inputs(simt):
     _compare_step(simt, STEP_SHAPES["gqa_wide"], torch.float32, masked=True, prefix=0, transposed=True)
 
 
 def test_step_large_logits_stay_finite(simt):
-    *_, emu = _compare_step(simt, STEP_SHAPES["long_block"], torch.float32, prefix=4, scale=8.0)
+    *_, emu = _compare_step(simt, STEP_SHAPES["long_block"], torch.float32, prefix=4, scale=8.0,
+                            layout="per_batch_head")
     assert all(torch.isfinite(t).all() for t in emu)
 
 
 def test_step_in_place_equals_the_new_state(simt):
-    q, k, v, features, mask, state, emu = _compare_step(simt, STEP_SHAPES["gqa_wide"], torch.float32, True, 6)
+    q, k, v, features, bias, mask, state, emu = _compare_step(simt, STEP_SHAPES["gqa_wide"], torch.float32, True, 6,
+                                                              layout="per_head")
     kv, z, kmax = (t.clone() for t in state)
-    out = simt.step_(q, k, v, features, mask, kv, z, kmax, STEP_SHAPES["gqa_wide"][4] ** -0.5, "softmax")
+    out = simt.step_(q, k, v, features, bias, mask, kv, z, kmax, STEP_SHAPES["gqa_wide"][4] ** -0.5, "softmax")
     for got, expected in zip((out, kv, z, kmax), emu):
         assert torch.equal(got, expected)
 
 
 def test_step_with_no_new_position_carries_the_state(simt):
-    q, k, v, features, _, state = _step_inputs(STEP_SHAPES["gqa_wide"], torch.float32, False, 4)
+    q, k, v, features, _, _, state = _step_inputs(STEP_SHAPES["gqa_wide"], torch.float32, False, 4)
     q, k, v = q[:, :, :0], k[:, :, :0], v[:, :, :0]
-    out, *after = simt.step(q, k, v, features, None, *state, 0.25, "softmax")
+    out, *after = simt.step(q, k, v, features, None, None, *state, 0.25, "softmax")
     assert out.shape[2] == 0 and all(torch.equal(a, b) for a, b in zip(after, state))
-    out, kv, z, kmax = simt.step(q, k, v, features, None, None, None, None, 0.25, "softmax")
+    out, kv, z, kmax = simt.step(q, k, v, features, None, None, None, None, None, 0.25, "softmax")
     assert not kv.any() and not z.any() and (kmax == -math.inf).all()
 
 
@@ -376,7 +375,8 @@ def test_step_thread_order_does_not_change_results(simt):
     results = []
     for seed in (1, 2):
         simt.seed(seed)
-        q, k, v, features, mask, state = _step_inputs(STEP_SHAPES["many_heads"], torch.float32, True, 3)
-        results.append(simt.step(q, k, v, features, mask, *state, 0.3, "softmax"))
+        q, k, v, features, bias, mask, state = _step_inputs(STEP_SHAPES["many_heads"], torch.float32, True, 3,
+                                                            layout="per_batch_head")
+        results.append(simt.step(q, k, v, features, bias, mask, *state, 0.3, "softmax"))
     for a, b in zip(*results):
         assert torch.equal(a, b)

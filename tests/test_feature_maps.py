@@ -205,23 +205,22 @@ def test_bad_features_and_bias_name_the_argument(features, bias, fragment):
 @pytest.mark.parametrize("pieces", [(1,) * 9 + (28,), (5, 7, 25), (37,)], ids=["tokens", "chunks", "whole"])
 @pytest.mark.parametrize("layout", ["per_head", "per_batch_head"])
 def test_decoding_steps_with_feature_sets_and_bias_match_the_causal_op(layout, pieces):
-    """Per-head features with a bias, stepped through in pieces (GQA, a padding mask): the causal
-    op's output, from the torch step (the compiled step declines them, naming why)."""
+    """Per-head features with a bias, stepped through in pieces (GQA, a padding mask) by the default
+    backend (the fused step), by each backend by name and in place: the causal op's output."""
     q, k, v, w, bias, mask = _inputs(SHAPES[0], layout, torch.float64)
     full = performer.favor_attention(q, k, v, is_causal=True, features=w, feature_bias=bias, key_padding_mask=mask)
     # a plain step first: the backend chosen for it must not be reused for these features
     performer.favor_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, features=w.flatten(0, -3)[0])
-    state, outs, t0 = None, [], 0
-    for n in pieces:
-        sl = slice(t0, t0 + n)
-        out, state = performer.favor_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, features=w,
-                                                    feature_bias=bias, key_padding_mask=mask[:, sl])
-        outs.append(out)
-        t0 += n
-    torch.testing.assert_close(torch.cat(outs, dim=2), full)
-    with pytest.raises(ValueError, match="takes one \\(m, E\\) matrix of features without feature_bias"):
-        performer.favor_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, features=w,
-                                       feature_bias=bias, backend="cpp")
+    for backend, inplace in ((None, False), ("cpp", True), ("torch", False)):
+        state, outs, t0 = None, [], 0
+        for n in pieces:
+            sl = slice(t0, t0 + n)
+            out, state = performer.favor_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, features=w,
+                                                        feature_bias=bias, key_padding_mask=mask[:, sl],
+                                                        backend=backend, inplace=inplace)
+            outs.append(out)
+            t0 += n
+        torch.testing.assert_close(torch.cat(outs, dim=2), full, msg=lambda m: f"backend {backend}: {m}")
 
 
 def test_decoding_steps_with_a_frozen_map_match_the_causal_op():

@@ -8,15 +8,18 @@ import pytest
 import torch
 
 import performer
-from conftest import ISAS, KERNELS, SPECS, dtype_id, make_case, run_on_isa
+from conftest import ISAS, KERNELS, SPECS, dtype_id, feature_sets, make_case, run_on_isa
 
 CAUSAL_SPECS = [s for s in SPECS if s.causal_ok]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2e-3}
 
 
-def step_both(case, bounds, kernel="softmax", inplace=False):
-    """Runs the case's sequence through both backends in the pieces given by ``bounds``; returns
-    [(out_cpp, out_torch, state_cpp, state_torch)] per piece."""
+def step_both(case, bounds, kernel="softmax", inplace=False, layout="shared"):
+    """Runs the case's sequence through both backends in the pieces given by ``bounds``, with the
+    case's features in ``layout`` (conftest.feature_sets; 4-D specs); returns [(out_cpp, out_torch,
+    state_cpp, state_torch)] per piece."""
+    spec = case.spec
+    features, bias = feature_sets(case.features, layout, spec.B, spec.Hk)
     results, states = [], {"cpp": None, "torch": None}
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
         mask = None if case.key_padding_mask is None else case.key_padding_mask[..., t0:t1]
@@ -24,8 +27,8 @@ def step_both(case, bounds, kernel="softmax", inplace=False):
         got = {}
         for backend in ("cpp", "torch"):
             got[backend] = performer.favor_attention_step(
-                *piece, states[backend], features=case.features, scale=case.spec.scale, kernel=kernel,
-                key_padding_mask=mask, backend=backend, inplace=inplace and backend == "cpp")
+                *piece, states[backend], features=features, scale=case.spec.scale, kernel=kernel,
+                key_padding_mask=mask, backend=backend, inplace=inplace and backend == "cpp", feature_bias=bias)
             states[backend] = got[backend][1]
         results.append((got["cpp"][0], got["torch"][0], tuple(t.clone() for t in got["cpp"][1]), got["torch"][1]))
     return results
@@ -52,6 +55,19 @@ def test_cpp_step_matches_torch_step(spec, masked, kernel, dtype):
     L = spec.L
     bounds = sorted({0, *range(1, min(L, 6)), min(L, 9), L})
     assert_step_close(step_both(case, bounds, kernel), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["per_head", "per_batch_head"])
+@pytest.mark.parametrize("spec", [s for s in CAUSAL_SPECS if s.layout in ("4d", "transposed")], ids=lambda s: s.id)
+def test_feature_sets_and_bias(spec, layout, kernel, dtype):
+    """Features per key head or per batch entry and key head, with a bias (calibrated and FAVOR++
+    maps): each item projects with its own set, in pieces and token by token, in place too."""
+    case = make_case(spec, dtype, masked=spec.B > 1, seed=8)
+    bounds = sorted({0, 1, 2, 3, min(spec.L, 8), spec.L})
+    assert_step_close(step_both(case, bounds, kernel, layout=layout), dtype)
+    assert_step_close(step_both(case, bounds[:4], kernel, inplace=True, layout=layout), dtype)
 
 
 @pytest.mark.parametrize("spec", CAUSAL_SPECS[:2], ids=lambda s: s.id)
@@ -105,13 +121,14 @@ def test_one_head_split_across_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
 @pytest.mark.parametrize("B,H,Hk,dtype", [(5, 1, 1, torch.float32), (2, 6, 3, torch.float32), (3, 4, 2, torch.bfloat16),
                                         (2, 2, 2, torch.float64), (1, 20, 20, torch.float32)])
-def test_items_split_across_threads(B, H, Hk, dtype):
+def test_items_split_across_threads(B, H, Hk, dtype, layout):
     """Enough work per position (over 2^18 multiply-adds) and at least two (batch, key head) items:
     each thread takes a contiguous share of the items, in pieces cut at batch boundaries (shares of
     5 items over 2 threads cross them) and at 32 rows (20 key heads of one query head each: pieces
-    of 16), with strided inputs."""
+    of 16), with strided inputs; each piece reads its items' own features and bias."""
     g = torch.Generator().manual_seed(6)
     E, m, Ev = 64, 256, 72
     w = performer.orthogonal_features(m, E, generator=g, dtype=torch.float64).to(dtype)
@@ -123,8 +140,10 @@ def test_items_split_across_threads(B, H, Hk, dtype):
     try:
         for n in sorted({1, 2, threads}):
             torch.set_num_threads(n)
-            case = dataclasses.replace(make_case(SPECS[0], dtype), q=q, k=k, v=v, features=w, key_padding_mask=mask)
-            assert_step_close(step_both(case, [0, 1, 5, 12]), dtype)
+            spec = dataclasses.replace(SPECS[0], B=B, H=H, Hk=Hk)
+            case = dataclasses.replace(make_case(SPECS[0], dtype), spec=spec, q=q, k=k, v=v, features=w,
+                                       key_padding_mask=mask)
+            assert_step_close(step_both(case, [0, 1, 5, 12], layout=layout), dtype)
     finally:
         torch.set_num_threads(threads)
 
@@ -140,23 +159,27 @@ class _CountingExtension:
         return self.ext.favor_step_(*args)
 
 
-def test_in_place_decoding_calls_the_extension_directly(monkeypatch):
+@pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
+def test_in_place_decoding_calls_the_extension_directly(monkeypatch, layout):
     """A decoder's in-place call goes straight to performer._C.favor_step_ (one call per token, the
-    op's results); a gradient, a subclass or torch.compile take the full path."""
+    op's results), with per-head features and a bias too; a gradient, a subclass or torch.compile
+    take the full path."""
     from performer.ops.favor import step as step_module
     case = make_case(SPECS[0], torch.float32, masked=True, seed=8)
+    w, bias = feature_sets(case.features, layout, case.spec.B, case.spec.Hk)
     counting = _CountingExtension(step_module._C)
     monkeypatch.setattr(step_module, "_C", counting)
     _, state = performer.favor_attention_step(case.q[..., :3, :], case.k[..., :3, :], case.v[..., :3, :],
-                                              features=case.features, key_padding_mask=case.key_padding_mask[:, :3])
+                                              features=w, feature_bias=bias,
+                                              key_padding_mask=case.key_padding_mask[:, :3])
     reference = tuple(t.clone() for t in state)
     for t in range(3, 7):
         piece = [x[..., t:t + 1, :] for x in (case.q, case.k, case.v)]
         mask = case.key_padding_mask[:, t:t + 1]
-        want, reference = performer.favor_attention_step(*piece, reference, features=case.features,
+        want, reference = performer.favor_attention_step(*piece, reference, features=w, feature_bias=bias,
                                                          key_padding_mask=mask)
-        got, after = performer.favor_attention_step(*piece, state, features=case.features, key_padding_mask=mask,
-                                                    inplace=True)
+        got, after = performer.favor_attention_step(*piece, state, features=w, feature_bias=bias,
+                                                    key_padding_mask=mask, inplace=True)
         assert after is state
         torch.testing.assert_close(got, want, atol=0, rtol=0)
         for a, b in zip(state, reference):
@@ -164,10 +187,10 @@ def test_in_place_decoding_calls_the_extension_directly(monkeypatch):
     assert counting.calls == 4
     q = case.q[..., 7:8, :].clone().requires_grad_()
     out, new = performer.favor_attention_step(q, case.k[..., 7:8, :], case.v[..., 7:8, :], state,
-                                              features=case.features, inplace=True)
+                                              features=w, feature_bias=bias, inplace=True)
     assert out.requires_grad and counting.calls == 4 and new is not state
-    compiled = torch.compile(lambda q, k, v, s: performer.favor_attention_step(q, k, v, s, features=case.features,
-                                                                              inplace=True),
+    compiled = torch.compile(lambda q, k, v, s: performer.favor_attention_step(q, k, v, s, features=w,
+                                                                              feature_bias=bias, inplace=True),
                              fullgraph=True, backend="eager")
     compiled(*(x[..., 7:8, :] for x in (case.q, case.k, case.v)), state)
     assert counting.calls == 4
@@ -214,17 +237,22 @@ def _step_samples(dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_opcheck_step_ops(dtype):
     q, k, v, w, mask, state, scale = _step_samples(dtype)
-    torch.library.opcheck(torch.ops.performer.favor_step.default, (q, k, v, w, mask, *state, scale, "softmax"))
-    torch.library.opcheck(torch.ops.performer.favor_step.default, (q, k, v, w, None, None, None, None, scale, "relu"))
-    torch.library.opcheck(torch.ops.performer.favor_step_.default,
-                          (q, k, v, w, mask, *(t.clone() for t in state), scale, "softmax"))
+    op, op_ = torch.ops.performer.favor_step.default, torch.ops.performer.favor_step_.default
+    torch.library.opcheck(op, (q, k, v, w, None, mask, *state, scale, "softmax"))
+    torch.library.opcheck(op, (q, k, v, w, None, None, None, None, None, scale, "relu"))
+    torch.library.opcheck(op_, (q, k, v, w, None, mask, *(t.clone() for t in state), scale, "softmax"))
+    ws, bias = feature_sets(w, "per_batch_head", q.shape[0], k.shape[1])
+    torch.library.opcheck(op, (q, k, v, ws, bias, mask, *state, scale, "softmax"))
+    torch.library.opcheck(op_, (q, k, v, ws[:1], bias[:1], mask, *(t.clone() for t in state), scale, "relu"))
 
 
-def test_compiled_decoding_loop():
+@pytest.mark.parametrize("layout", ["shared", "per_head"])
+def test_compiled_decoding_loop(layout):
     q, k, v, w, mask, state, scale = _step_samples()
+    w, bias = feature_sets(w, layout, q.shape[0], k.shape[1])
 
     def step(q, k, v, state):
-        out, new = performer.favor_attention_step(q, k, v, state, features=w)
+        out, new = performer.favor_attention_step(q, k, v, state, features=w, feature_bias=bias)
         return out, new
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
@@ -243,13 +271,14 @@ checked = 0
 for spec in (Spec("isa", 2, 4, 2, 21, 21, 16, 9, 20), Spec("isa_wide", 1, 8, 1, 9, 9, 64, 64, 256)):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for kernel in ("softmax", "relu"):
-            case = make_case(spec, dtype, masked=spec.B > 1, seed=7)
-            assert_step_close(step_both(case, [0, 1, 2, 5, spec.L], kernel), dtype)
-            checked += 1
+            for layout in ("shared", "per_batch_head"):
+                case = make_case(spec, dtype, masked=spec.B > 1, seed=7)
+                assert_step_close(step_both(case, [0, 1, 2, 5, spec.L], kernel, layout=layout), dtype)
+                checked += 1
 print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_copy_of_the_step(isa):
-    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 12}
+    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 24}

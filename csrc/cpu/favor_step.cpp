@@ -37,6 +37,9 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   p.B = n.B; p.H = n.H; p.Hk = n.Hk; p.T = n.L; p.E = n.E; p.Ev = n.Ev; p.m = n.m;
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);
   p.features = in.features.data_ptr();
+  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.Bf = in.Bf;
+  p.Hf = in.Hf;
   p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   if (prev.kv.defined()) {
     p.kv_in = prev.kv.data_ptr();
@@ -54,12 +57,12 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv,
+    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv,
     const std::optional<at::Tensor>& normalizer, const std::optional<at::Tensor>& key_max, double scale,
     c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
-  check_shared_features(in, "the decoding step");
+  const FavorInputs in = check_favor_inputs(q, k, v, features, feature_bias, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, false);
   FavorStepState next = empty_favor_state(in.n, q);
   at::Tensor out = run_step(q, k, v, in, prev, next.kv, next.normalizer, next.key_max, scale, kn);
@@ -69,11 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step(
 }  // namespace
 
 at::Tensor favor_step_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
+                              const std::optional<at::Tensor>& feature_bias,
                               const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
                               at::Tensor& key_max, double scale, c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
-  check_shared_features(in, "the decoding step");
+  const FavorInputs in = check_favor_inputs(q, k, v, features, feature_bias, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, true);
   return run_step(q, k, v, in, prev, kv, normalizer, key_max, scale, kn);
 }

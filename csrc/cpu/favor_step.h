@@ -8,7 +8,8 @@
 namespace performer::cpu {
 
 at::Tensor favor_step_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask,
+                              const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
+                              const std::optional<at::Tensor>& key_padding_mask,
                               at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max, double scale,
                               c10::string_view kernel);
 

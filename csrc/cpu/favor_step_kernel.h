@@ -17,9 +17,13 @@
 // Layout: the rows of one position (per item its key, then its g query heads; R rows in all) are the
 // lanes of P (m x R, feature-major): the projection P = W X^T (features times the rows' transpose) is
 // a stream of broadcast FMAs over full vectors of rows, whatever the head size, and the maxima,
-// exponentials and gates per row are lane-wise. Phases per position (one OpenMP team):
-//   0. items split over threads: scaled rows into X^T (E x R), the key's |k'|^2 / 2.
-//   A. features split over threads: P rows and per-lane partial maxima.
+// exponentials and gates per row are lane-wise. Features of their own per item (per key head, or per
+// batch entry and key head: calibrated or FAVOR++ maps) project each item's 1 + g rows with dot
+// products along E instead; a feature_bias b_j is added to the projections of every row (P = W X^T +
+// b), as favor_kernel.h's project() does. Phases per position (one OpenMP team):
+//   0. items split over threads: scaled rows into X^T (E x R) (and X, R x E, for per-item features),
+//      the key's |k'|^2 / 2.
+//   A. features split over threads: P rows (plus the bias) and per-lane partial maxima.
 //   B. the same rows: each thread combines the maxima, then P <- phi (exp, or relu + eps).
 //   C. (item, part of the features) units: the state update and each head's partial numerator,
 //      denominator and best; with one part per item the unit writes the output at once.
@@ -76,6 +80,46 @@ static void step_project(const T* W, const T* xt, T* P, int64_t E, int64_t Rpad,
       const T* x = xt + e * Rpad;
 #pragma omp simd
       for (int64_t r = 0; r < Rpad; ++r) o[r] += we * x[r];
+    }
+  }
+}
+
+// o[i] = w . X[i] for N rows X (N x E, row-major): each vector of w loaded once for the N rows.
+template <int N>
+static inline void step_dot_rows(const float* w, const float* X, int64_t E, float* o) {
+  vreg acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = vzero();
+  int64_t e = 0;
+  for (; e + kVecFloats <= E; e += kVecFloats) {
+    const vreg wv = vload(w + e);
+    for (int i = 0; i < N; ++i) acc[i] = vfma(wv, vload(X + i * E + e), acc[i]);
+  }
+  for (int i = 0; i < N; ++i) {
+    float s = vsum(acc[i]);
+    for (int64_t t = e; t < E; ++t) s += w[t] * X[i * E + t];
+    o[i] = s;
+  }
+}
+
+// P[j][r0 + r] = W[j] . X[r] for one item's nr rows X (nr x E, row-major) and j in [j0, j1): the
+// item's own features, too few rows to fill step_project's lanes.
+template <typename T>
+static void step_project_item(const T* W, const T* X, int64_t nr, T* P, int64_t E, int64_t Rpad, int64_t r0,
+                              int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* w = W + j * E;
+    T* o = P + j * Rpad + r0;
+    if constexpr (sizeof(T) == 4) {
+      int64_t r = 0;
+      for (; r + 4 <= nr; r += 4) step_dot_rows<4>(w, X + r * E, E, o + r);
+      switch (nr - r) {
+        case 3: step_dot_rows<3>(w, X + r * E, E, o + r); break;
+        case 2: step_dot_rows<2>(w, X + r * E, E, o + r); break;
+        case 1: step_dot_rows<1>(w, X + r * E, E, o + r); break;
+        default: break;
+      }
+    } else {
+      for (int64_t r = 0; r < nr; ++r) o[r] = dot(w, X + r * E, E);
     }
   }
 }
@@ -205,6 +249,10 @@ static void favor_step_typed(const StepParams& p) {
   const bool softmax = p.kernel == Kernel::softmax;
   const T c = T(__builtin_sqrt(p.scale));
   const T* W = static_cast<const T*>(p.features);
+  const T* bias = static_cast<const T*>(p.bias);
+  const bool per_item = p.Bf > 1 || p.Hf > 1;
+  // Item it's feature set in (Bf, Hf): its features are W + set * m * E, its bias bias + set * m.
+  auto feature_set = [&](int64_t it) { return (p.Bf > 1 ? it / p.Hk : 0) * p.Hf + (p.Hf > 1 ? it % p.Hk : 0); };
   // Threads (favor_step calls this with several only for a single item, or work too small to share
   // out by items): none beyond what the work pays for. Each position costs a team four barriers and
   // the rows of P cross between cores: splitting the features pays from about 2^20 multiply-adds
@@ -216,12 +264,14 @@ static void favor_step_typed(const StepParams& p) {
   const int64_t part_rows = ((m + parts - 1) / parts + 7) / 8 * 8;
 
   static thread_local Scratch<T> buf;  // the calling thread's; grow-only
-  T* xt = buf.get(E * Rpad + m * Rpad + team * Rpad + items + units * g * (Ev + 2));
+  T* xt = buf.get(E * Rpad + m * Rpad + team * Rpad + items + units * g * (Ev + 2) + (per_item ? R * E : 0));
   T* P = xt + E * Rpad;
   T* pmax = P + m * Rpad;
   T* half = pmax + team * Rpad;
   T* res = half + items;
-  for (int64_t i = 0; i < E * Rpad; ++i) xt[i] = T(0);
+  T* xr = res + units * g * (Ev + 2);  // per-item features: the rows, R x E
+  if (!per_item)
+    for (int64_t i = 0; i < E * Rpad; ++i) xt[i] = T(0);
 
   const bool* mask = p.mask;
   T* const kv_all = static_cast<T*>(p.kv);
@@ -252,6 +302,13 @@ static void favor_step_typed(const StepParams& p) {
       // Phase 0: the rows of position t, transposed into X^T.
       for (int64_t it = tid; it < items; it += nt) {
         const int64_t b = it / p.Hk, hk = it % p.Hk, r0 = it * nr;
+        if (per_item) {
+          load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, xr + r0 * E, E);
+          for (int64_t h = 0; h < g; ++h)
+            load_rows<T>(p.q, p.dtype, b, hk * g + h, t, 1, E, c, xr + (r0 + 1 + h) * E, E);
+          half[it] = softmax ? T(0.5) * dot(xr + r0 * E, xr + r0 * E, E) : T(0);
+          continue;
+        }
         load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, row, E);
         for (int64_t e = 0; e < E; ++e) xt[e * Rpad + r0] = row[e];
         half[it] = softmax ? T(0.5) * dot(row, row, E) : T(0);
@@ -262,7 +319,20 @@ static void favor_step_typed(const StepParams& p) {
       }
 #pragma omp barrier
       // Phase A: this thread's feature rows, and their lane maxima.
-      step_project(W, xt, P, E, Rpad, pj0, pj1);
+      if (per_item) {
+        for (int64_t it = 0; it < items; ++it)
+          step_project_item(W + feature_set(it) * m * E, xr + it * nr * E, nr, P, E, Rpad, it * nr, pj0, pj1);
+        for (int64_t j = pj0; j < pj1; ++j)  // the padding lanes
+          for (int64_t r = R; r < Rpad; ++r) P[j * Rpad + r] = T(0);
+      } else {
+        step_project(W, xt, P, E, Rpad, pj0, pj1);
+      }
+      if (bias)
+        for (int64_t it = 0; it < items; ++it) {
+          const T* bj = bias + feature_set(it) * m;
+          for (int64_t j = pj0; j < pj1; ++j)
+            for (int64_t r = it * nr; r < (it + 1) * nr; ++r) P[j * Rpad + r] += bj[j];
+        }
       T* mx = pmax + tid * Rpad;
 #pragma omp simd
       for (int64_t r = 0; r < Rpad; ++r) mx[r] = T(kNegInf);
@@ -355,6 +425,11 @@ static StepParams step_slice(const StepParams& p, int64_t b, int64_t hk0, int64_
   s.k.data = at(p.k.data, (b * p.k.stride[0] + hk0 * p.k.stride[1]) * es);
   s.v.data = at(p.v.data, (b * p.v.stride[0] + hk0 * p.v.stride[1]) * es);
   s.mask = p.mask ? p.mask + b * p.T : nullptr;
+  const int64_t set0 = (p.Bf > 1 ? b : 0) * p.Hf + (p.Hf > 1 ? hk0 : 0);  // the slice's first feature set
+  s.features = at(p.features, set0 * p.m * p.E * as);
+  s.bias = p.bias ? at(p.bias, set0 * p.m * as) : nullptr;
+  s.Bf = 1;
+  s.Hf = p.Hf > 1 ? s.Hk : 1;
   if (p.kv_in) {
     s.kv_in = at(p.kv_in, item * p.m * p.Ev * as);
     s.normalizer_in = at(p.normalizer_in, item * p.m * as);

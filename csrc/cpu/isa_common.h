@@ -18,6 +18,7 @@ static inline vreg vbroadcast(float x) { return _mm512_set1_ps(x); }
 static inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 static inline vreg vzero() { return _mm512_setzero_ps(); }
+static inline float vsum(vreg v) { return _mm512_reduce_add_ps(v); }
 #elif defined(PERFORMER_ISA_AVX2)
 typedef __m256 vreg;
 static inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -26,6 +27,11 @@ static inline vreg vbroadcast(float x) { return _mm256_set1_ps(x); }
 static inline vreg vfma(vreg a, vreg b, vreg c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vreg vadd(vreg a, vreg b) { return _mm256_add_ps(a, b); }
 static inline vreg vzero() { return _mm256_setzero_ps(); }
+static inline float vsum(vreg v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 #else
 typedef float vreg __attribute__((vector_size(PERFORMER_VEC_BYTES), aligned(4)));
 static inline vreg vload(const float* p) { vreg v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
@@ -34,6 +40,11 @@ static inline vreg vbroadcast(float x) { return vreg{} + x; }
 static inline vreg vfma(vreg a, vreg b, vreg c) { return a * b + c; }
 static inline vreg vadd(vreg a, vreg b) { return a + b; }
 static inline vreg vzero() { return vreg{}; }
+static inline float vsum(vreg v) {
+  float s = 0.f;
+  for (int i = 0; i < kVecFloats; ++i) s += v[i];
+  return s;
+}
 #endif
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }

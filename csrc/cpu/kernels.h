@@ -72,7 +72,9 @@ struct StepParams {
   double scale;
   int64_t B, H, Hk, T, E, Ev, m;
   View q, k, v;
-  const void* features;       // (m, E) contiguous, acc
+  const void* features;       // (Bf, Hf, m, E) contiguous, acc; Bf 1 or B, Hf 1 or Hk
+  const void* bias;           // (Bf, Hf, m) contiguous, acc; or null
+  int64_t Bf, Hf;
   const bool* mask;           // (B, T) contiguous, true = ignore that key; or null
   const void* kv_in;
   const void* normalizer_in;

@@ -6,9 +6,9 @@
 // One block per (batch, key head) item; the block walks the T new positions in order. Per position:
 //   1. the key row and the item's g query rows, scaled by c = sqrt(scale), into shared memory, with
 //      |k'|^2 / 2 and the value row;
-//   2. the projections P = W [k', q'_1 .. q'_g]^T (a thread per feature) into the block's slice of a
-//      global workspace ((1 + g + 1) x m: the rows' projections, then max(f z, phi_k)), and their
-//      maxima over the features (block reductions);
+//   2. the projections P = W [k', q'_1 .. q'_g]^T + b (a thread per feature; W and b the item's feature
+//      set) into the block's slice of a global workspace ((1 + g + 1) x m: the rows' projections, then
+//      max(f z, phi_k)), and their maxima over the features (block reductions);
 //   3. the key's feature phi_k and the normalizer z' = f z + phi_k (a thread per feature), the
 //      query features e_hj, each head's denominator sum_j e_hj z'_j and best = max_j e_hj max(f z_j,
 //      phi_k,j);
@@ -37,7 +37,9 @@ constexpr int kHeadGroup = 4;  // query heads whose numerators a thread accumula
 
 struct StepParams {
   View q, k, v;
-  const void* W;          // features (m, E), contiguous, acc
+  const void* W;          // features (Bf, Hf, m, E), contiguous, acc; Bf 1 or B, Hf 1 or Hk
+  const void* bias;       // (Bf, Hf, m) contiguous, acc; or null
+  int64_t Bf, Hf;
   const bool* mask;       // (B, T) contiguous, true = ignore; or null
   int64_t B, H, Hk, g, T, E, Ev, m;
   double c;               // sqrt(scale)
@@ -85,7 +87,9 @@ __global__ void __maxnreg__(128) favor_step_kernel(StepParams p) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t item = blockIdx.x, b = item / p.Hk, hk = item % p.Hk;
   const A c = A(p.c);
-  const A* W = static_cast<const A*>(p.W);
+  const int64_t set = (p.Bf > 1 ? b : 0) * p.Hf + (p.Hf > 1 ? hk : 0);  // the item's feature set
+  const A* W = static_cast<const A*>(p.W) + set * m * E;
+  const A* bias = p.bias ? static_cast<const A*>(p.bias) + set * m : nullptr;
   A* P = static_cast<A*>(p.P) + item * (rows + 1) * m;  // the block's slice: rows + 1 rows of m
   A* kv = static_cast<A*>(p.kv) + item * m * Ev;
   A* z = static_cast<A*>(p.z) + item * m;
@@ -115,7 +119,7 @@ __global__ void __maxnreg__(128) favor_step_kernel(StepParams p) {
       for (int64_t j = tid; j < m; j += kThreads) {
         const A* w = W + j * E;
         const A* x = xs + r * E;
-        A acc = A(0);
+        A acc = bias ? bias[j] : A(0);
         for (int64_t e = 0; e < E; ++e) acc = fma(w[e], x[e], acc);
         P[r * m + j] = acc;
         top = max2(acc, top);
@@ -233,6 +237,9 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   p.k = view_of(k);
   p.v = view_of(v);
   p.W = in.features.data_ptr();
+  p.bias = in.bias.defined() ? in.bias.data_ptr() : nullptr;
+  p.Bf = in.Bf;
+  p.Hf = in.Hf;
   p.mask = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
   p.B = n.B; p.H = n.H; p.Hk = n.Hk; p.g = n.H / n.Hk; p.T = n.L; p.E = n.E; p.Ev = n.Ev; p.m = n.m;
   p.c = std::sqrt(scale);
@@ -254,12 +261,12 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& kv,
+    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& kv,
     const std::optional<at::Tensor>& normalizer, const std::optional<at::Tensor>& key_max, double scale,
     c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
-  check_shared_features(in, "the decoding step");
+  const FavorInputs in = check_favor_inputs(q, k, v, features, feature_bias, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, false);
   FavorStepState next = empty_favor_state(in.n, q);
   at::Tensor out = run_step(q, k, v, in, prev, next.kv, next.normalizer, next.key_max, scale, kn);
@@ -267,12 +274,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_step_cuda(
 }
 
 at::Tensor favor_step_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& features, const std::optional<at::Tensor>& key_padding_mask,
-                                   at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max, double scale,
+                                   const at::Tensor& features, const std::optional<at::Tensor>& feature_bias,
+                                   const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max, double scale,
                                    c10::string_view kernel) {
   const std::string_view kn(kernel.data(), kernel.size());
-  const FavorInputs in = check_favor_inputs(q, k, v, features, std::nullopt, key_padding_mask, scale, true, kn);
-  check_shared_features(in, "the decoding step");
+  const FavorInputs in = check_favor_inputs(q, k, v, features, feature_bias, key_padding_mask, scale, true, kn);
   const FavorStepState prev = check_favor_step_state(in.n, q, kv, normalizer, key_max, true);
   return run_step(q, k, v, in, prev, kv, normalizer, key_max, scale, kn);
 }

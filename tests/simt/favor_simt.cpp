@@ -21,14 +21,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return performer::cuda::favor_backward_cuda(g, q, k, v, f, bias, mask, out, state, den, qs, ks, scale, causal,
                                                 c10::string_view(kernel), features_grad);
   });
-  m.def("step", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
-                   std::optional<at::Tensor> kv, std::optional<at::Tensor> z, std::optional<at::Tensor> kmax,
-                   double scale, std::string kernel) {
-    return performer::cuda::favor_step_cuda(q, k, v, f, mask, kv, z, kmax, scale, c10::string_view(kernel));
+  m.def("step", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> bias,
+                   std::optional<at::Tensor> mask, std::optional<at::Tensor> kv, std::optional<at::Tensor> z,
+                   std::optional<at::Tensor> kmax, double scale, std::string kernel) {
+    return performer::cuda::favor_step_cuda(q, k, v, f, bias, mask, kv, z, kmax, scale, c10::string_view(kernel));
   });
-  m.def("step_", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> mask,
-                    at::Tensor kv, at::Tensor z, at::Tensor kmax, double scale, std::string kernel) {
-    return performer::cuda::favor_step_inplace_cuda(q, k, v, f, mask, kv, z, kmax, scale, c10::string_view(kernel));
+  m.def("step_", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor f, std::optional<at::Tensor> bias,
+                    std::optional<at::Tensor> mask, at::Tensor kv, at::Tensor z, at::Tensor kmax, double scale,
+                    std::string kernel) {
+    return performer::cuda::favor_step_inplace_cuda(q, k, v, f, bias, mask, kv, z, kmax, scale,
+                                                    c10::string_view(kernel));
   });
   m.def("seed", [](unsigned s) { simt::seed(s); }, "seeds the order in which threads run each phase");
   m.def("set_sms", [](int n) { simt::st().sms = n; }, "the multiprocessor count the launches plan for");

@@ -16,7 +16,7 @@ features are (m, E), or per batch and key head (Bf, Hf, m, E) with Bf in {1, B} 
 and of the decoding step (no autograd: performer.favor_attention_step runs the plain-PyTorch step
 when a gradient is needed):
 
-    favor_step(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel)
+    favor_step(q, k, v, features, feature_bias, key_padding_mask, kv, normalizer, key_max, scale, kernel)
         -> out (B, H, T, Ev), kv (B, Hk, m, Ev), normalizer (B, Hk, m), key_max (B, Hk)
     favor_step_(...same, kv, normalizer and key_max updated in place) -> out
 """
@@ -43,15 +43,15 @@ def moments_fake(x):
     return x.new_empty(B, G, E, dtype=acc_dtype(x)), x.new_empty(B, G, E, dtype=acc_dtype(x))
 
 
-def step_fake(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel):
+def step_fake(q, k, v, features, feature_bias, key_padding_mask, kv, normalizer, key_max, scale, kernel):
     B, H, T, _ = q.shape
-    Hk, Ev, m = k.shape[1], v.shape[3], features.shape[0]
+    Hk, Ev, m = k.shape[1], v.shape[3], features.shape[-2]
     acc = acc_dtype(q)
     return (q.new_empty(B, H, T, Ev), q.new_empty(B, Hk, m, Ev, dtype=acc), q.new_empty(B, Hk, m, dtype=acc),
             q.new_empty(B, Hk, dtype=acc))
 
 
-def step_inplace_fake(q, k, v, features, key_padding_mask, kv, normalizer, key_max, scale, kernel):
+def step_inplace_fake(q, k, v, features, feature_bias, key_padding_mask, kv, normalizer, key_max, scale, kernel):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 

@@ -44,9 +44,6 @@ class FavorState(NamedTuple):
 def _cpp_check(args) -> Optional[str]:
     if args.needs_grad():
         return "has no gradient (a gradient is recorded for query, key, value or the state); the torch backend has"
-    if args.features.dim() != 2 or args.feature_bias is not None:
-        return ("takes one (m, E) matrix of features without feature_bias (per-head features, a bias and feature "
-                "maps run on the torch backend)")
     return step_cuda_reason() if args.device.type == "cuda" else None
 
 
@@ -62,7 +59,7 @@ def _direct(a) -> bool:
 _TENSOR = torch.Tensor
 
 
-def _step_in_place_direct(q, k, v, state, features, scale, kernel, mask) -> Optional[torch.Tensor]:
+def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -> Optional[torch.Tensor]:
     """A decoder's per-token call (favor_attention_step(..., state, inplace=True) on plain 4-D CPU
     tensors needing no gradient, eager mode) straight to performer._C.favor_step_, in about a
     microsecond of Python: the extension checks every argument as the op does, before it writes
@@ -74,8 +71,8 @@ def _step_in_place_direct(q, k, v, state, features, scale, kernel, mask) -> Opti
     kv, z, key_max = state
     if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) is _TENSOR
             and type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
-            and (mask is None or type(mask) is _TENSOR) and q.is_cpu and q.dim() == 4
-            and features.dim() == 2):
+            and (mask is None or type(mask) is _TENSOR) and (bias is None or type(bias) is _TENSOR)
+            and q.is_cpu and q.dim() == 4 and features.dim() in (2, 4)):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv.requires_grad
                                     or z.requires_grad or key_max.requires_grad):
@@ -88,7 +85,7 @@ def _step_in_place_direct(q, k, v, state, features, scale, kernel, mask) -> Opti
     elif type(scale) is not float:
         return None
     try:
-        return _C.favor_step_(q, k, v, features, mask, kv, z, key_max, scale, kernel)
+        return _C.favor_step_(q, k, v, features, bias, mask, kv, z, key_max, scale, kernel)
     except Exception:  # noqa: BLE001: refused before any write; the full path below reports it
         return None
 
@@ -97,18 +94,19 @@ def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
     """torch.ops.performer.favor_step, or favor_step_ where the caller lets the state be updated in place."""
     state = a.state
     if state is None:
-        out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.key_padding_mask, None,
-                                                             None, None, a.scale, a.kernel)
+        out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.feature_bias,
+                                                             a.key_padding_mask, None, None, None, a.scale, a.kernel)
         return out, FavorState(kv, z, key_max)
     if a.inplace and all(t.is_contiguous() for t in state):
         if _direct(a):
-            out = _C.favor_step_(a.q, a.k, a.v, a.features, a.key_padding_mask, *state, a.scale, a.kernel)
+            out = _C.favor_step_(a.q, a.k, a.v, a.features, a.feature_bias, a.key_padding_mask, *state, a.scale,
+                                 a.kernel)
             return out, FavorState(*state)
-        out = torch.ops.performer.favor_step_(a.q, a.k, a.v, a.features, a.key_padding_mask, *state, a.scale,
-                                              a.kernel)
+        out = torch.ops.performer.favor_step_(a.q, a.k, a.v, a.features, a.feature_bias, a.key_padding_mask,
+                                              *state, a.scale, a.kernel)
         return out, FavorState(*state)
-    out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.key_padding_mask, *state,
-                                                         a.scale, a.kernel)
+    out, kv, z, key_max = torch.ops.performer.favor_step(a.q, a.k, a.v, a.features, a.feature_bias,
+                                                         a.key_padding_mask, *state, a.scale, a.kernel)
     return out, FavorState(kv, z, key_max)
 
 
@@ -156,7 +154,7 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         key_padding_mask: bool (N, T) ((T,) for 2-D inputs); True ignores that new key for this
             and all later positions.
         backend: None picks the first that fits: "cpp" (the fused C++ step, one call; on the CPU,
-            and on CUDA tensors when asked for; one (m, E) matrix of features, no bias or feature
+            and on CUDA tensors when asked for; every kind of features, a bias and a frozen feature
             map) unless a gradient is needed, else "torch" (the recurrent form in plain PyTorch,
             differentiable, any device, every kind of features). A name forces one.
         inplace: False (default) leaves ``state``'s tensors untouched and returns new ones. True
@@ -167,9 +165,9 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Returns:
         (output (..., T, Ev) in the query's dtype, the FavorState after the new positions).
     """
-    if (inplace is True and state is not None and (backend is None or backend == "cpp") and feature_bias is None
-            and feature_map is None):
-        out = _step_in_place_direct(query, key, value, state, features, scale, kernel, key_padding_mask)
+    if inplace is True and state is not None and (backend is None or backend == "cpp") and feature_map is None:
+        out = _step_in_place_direct(query, key, value, state, features, feature_bias, scale, kernel,
+                                    key_padding_mask)
         if out is not None:
             return out, state
     args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace,
