@@ -181,6 +181,11 @@ class FeatureMap(nn.Module):
         if self.is_identity:
             return Prepared(query * c, key * c, features, None)
         E, acc = key.shape[3], _acc(query)
+        key_of_call = self._reuse_key(query, key, features, scale)
+        memo = self.__dict__.get("_derived")
+        if key_of_call is not None and memo is not None and _same_key(memo[0], key_of_call):
+            qmul, kmul, kadd, w, bias = memo[1]
+            return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
         if self.frozen:
             mean, log_psi, a = (t.to(acc) for t in (self.key_mean, self.log_psi, self.coef_a))
             if mean.shape != (Hk, E):
@@ -202,17 +207,52 @@ class FeatureMap(nn.Module):
         # One pass over each input: x = c psi q, y = (c k - mean) / psi, in the inputs' dtype.
         psi = torch.exp(log_psi)[:, :, None, :]                                       # (Bs, Hk, 1, E)
         dt = query.dtype
-        x = query * (c * psi).repeat_interleave(query.shape[1] // Hk, dim=1).to(dt)
-        y = torch.addcmul((-(mean[:, :, None, :] / psi)).to(dt), key, (c / psi).to(dt))
+        qmul = (c * psi).repeat_interleave(query.shape[1] // Hk, dim=1).to(dt)
+        kmul, kadd = (c / psi).to(dt), (-(mean[:, :, None, :] / psi)).to(dt)
         if self.kind == "favor+":
-            return Prepared(x, y, features, None)
-        w = features.to(acc)
-        w = w if w.dim() in (2, 4) else w[None]                                      # (m, E) or (Bf, Hf, m, E)
-        a = a.to(acc)
-        b = torch.sqrt(1 - 4 * a)                                                    # (Bs, Hk)
-        scaled = b[..., None, None] * w                                              # (Bs, Hk, m, E)
-        bias = a[..., None] * (w * w).sum(-1)                                        # (Bs, Hk, m)
-        return Prepared(x, y, scaled, bias)
+            w, bias = features, None
+        else:
+            w = features.to(acc)
+            w = w if w.dim() in (2, 4) else w[None]                                  # (m, E) or (Bf, Hf, m, E)
+            a = a.to(acc)
+            bias = a[..., None] * (w * w).sum(-1)                                    # (Bs, Hk, m)
+            w = torch.sqrt(1 - 4 * a)[..., None, None] * w                           # (Bs, Hk, m, E): B W
+        if key_of_call is not None:
+            self.__dict__["_derived"] = (key_of_call, (qmul, kmul, kadd, w, bias))
+        return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
+
+    def _reuse_key(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor, scale: float):
+        """What a frozen map's derived tensors (the per-dimension multipliers of query and key, the
+        features and bias) depend on, or None where they must be computed afresh (statistics from the
+        call, a gradient through them, torch.compile). A decoder's every step then costs two
+        elementwise passes over its new query and key instead of rebuilding (Hk, m, E) features. The
+        tensors are compared by identity and version (an in-place change, load_state_dict or .to()
+        invalidates them); the memo is not state: it is never saved and a copy recomputes it."""
+        if not self.frozen or torch.compiler.is_compiling():
+            return None
+        stats = (self.key_mean, self.log_psi, self.coef_a)
+        if torch.is_grad_enabled() and (features.requires_grad or any(t.requires_grad for t in stats)):
+            return None
+        return (features, features._version, *((t, t._version) for t in stats), scale, query.dtype, query.device,
+                query.shape[1], key.shape[1])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_derived", None)
+        return state
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """FeatureMap._reuse_key equality: tensors by identity, the rest by value."""
+    if len(a) != len(b) or a[0] is not b[0]:
+        return False
+    for x, y in zip(a[1:], b[1:]):
+        if isinstance(x, tuple):
+            if x[0] is not y[0] or x[1] != y[1]:
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 def prepare(feature_map, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,

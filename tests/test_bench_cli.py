@@ -100,7 +100,7 @@ def test_decode_suite(quick_run):
     decode = [r for r in data["records"] if r["suite"] == "decode"]
     if hasattr(performer, "favor_attention_step"):
         assert {(r["impl"], r["case"]["batch"], r["case"]["prefix"]) for r in decode} == \
-            {(i, b, n) for i in ("step", "step_torch", "sdpa") for b in (1, 16) for n in (32, 64)}
+            {(i, b, n) for i in ("step", "step_fmap", "step_torch", "sdpa") for b in (1, 16) for n in (32, 64)}
         assert "### Decoding" in proc.stdout
     else:
         assert not decode and "decode: not run: step: performer.favor_attention_step is not" in proc.stdout

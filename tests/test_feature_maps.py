@@ -251,6 +251,62 @@ def test_decoding_steps_with_a_frozen_map_match_the_causal_op():
     torch.testing.assert_close(torch.cat(steps, dim=1), expected)
 
 
+def test_frozen_map_reuses_its_derived_tensors_until_an_input_changes():
+    """A frozen map builds its per-head features, bias and multipliers once for a decoder's steps,
+    and afresh after any change of what they depend on; every result equals a fresh computation."""
+    import copy
+    import io
+    q, k, _ = _scaled_inputs(L=12)
+    w = performer.orthogonal_features(32, 16, generator=torch.Generator().manual_seed(0), dtype=q.dtype)
+    fmap = FeatureMap().freeze(q, k)
+
+    def fresh(query, key, features, scale=0.25):
+        other = FeatureMap()
+        other.load_state_dict(fmap.state_dict())
+        return other(query, key, features, scale, True)
+
+    def check(got, want):
+        for a, b in zip((got.query, got.key, got.features, got.feature_bias),
+                        (want.query, want.key, want.features, want.feature_bias)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+    first = fmap(q[:, :, :1], k[:, :, :1], w, 0.25, True)
+    step = fmap(q[:, :, 1:2], k[:, :, 1:2], w, 0.25, True)
+    assert step.features is first.features and step.feature_bias is first.feature_bias
+    check(step, fresh(q[:, :, 1:2], k[:, :, 1:2], w))
+    changes = [lambda: w.mul_(1.1), lambda: fmap.log_psi.add_(0.1), lambda: fmap.coef_a.sub_(0.01),
+               lambda: fmap.load_state_dict({n: t + 0.05 for n, t in fmap.state_dict().items()})]
+    for change in changes:
+        before = fmap(q[:, :, :1], k[:, :, :1], w, 0.25, True)
+        with torch.no_grad():
+            change()
+        after = fmap(q[:, :, :1], k[:, :, :1], w, 0.25, True)
+        assert after.features is not before.features
+        check(after, fresh(q[:, :, :1], k[:, :, :1], w))
+    check(fmap(q[:, :, :1], k[:, :, :1], w, 0.5, True), fresh(q[:, :, :1], k[:, :, :1], w, 0.5))
+    single = fmap(q[:, :, :1].float(), k[:, :, :1].float(), w.float(), 0.25, True)
+    assert single.query.dtype == torch.float32
+    check(single, fresh(q[:, :, :1].float(), k[:, :, :1].float(), w.float()))
+    # Copies and pickles carry no derived tensors of the original's inputs.
+    for other in (copy.deepcopy(fmap), torch.load(io.BytesIO(_saved(fmap)), weights_only=False)):
+        assert "_derived" not in other.__dict__ or other.__dict__["_derived"][0][0] is not w
+        check(other(q[:, :, :1], k[:, :, :1], w, 0.25, True), fresh(q[:, :, :1], k[:, :, :1], w))
+    # Trainable statistics with gradients enabled: built per call, so that the gradient reaches them.
+    trainable = FeatureMap().freeze(q, k, trainable=True)
+    a = trainable(q[:, :, :1], k[:, :, :1], w, 0.25, True)
+    b = trainable(q[:, :, :1], k[:, :, :1], w, 0.25, True)
+    assert a.features is not b.features and b.features.requires_grad
+    b.feature_bias.sum().backward()
+    assert trainable.coef_a.grad is not None
+
+
+def _saved(module) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
 # ---- the feature maps --------------------------------------------------------------------------
 
 def _scaled_inputs(L=256, E=16, H=2, t=0.5, seed=0, aniso=False, offset=False):

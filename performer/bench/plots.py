@@ -18,7 +18,8 @@ from performer.bench.report import (_attention_groups, attention_crossovers, com
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
          "cpp++": dict(color="tab:cyan", marker="v"),
-         "step": dict(color="tab:blue", marker="o"), "step_torch": dict(color="tab:green", marker="^")}
+         "step": dict(color="tab:blue", marker="o"), "step_torch": dict(color="tab:green", marker="^"),
+         "step_fmap": dict(color="tab:cyan", marker="v")}
 DTYPE_LINES = ("-", "--", ":", "-.")
 DTYPE_HATCHES = (None, "//", "..", "xx")
 

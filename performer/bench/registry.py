@@ -255,6 +255,15 @@ def _favor_step_with(**options):
     return make
 
 
+def _favor_step_with_map(prefix_k, prefix_v, features):
+    """The fused step with a FeatureMap (FAVOR++, rescaling, key centering) frozen on the prefix:
+    what a converted and calibrated model decodes with."""
+    if getattr(performer, "FeatureMap", None) is None:
+        raise NotImplementedError("performer.FeatureMap is not in this version of performer")
+    fmap = performer.FeatureMap().freeze(prefix_k, prefix_k)
+    return _favor_step_with(backend="cpp", feature_map=fmap)(prefix_k, prefix_v, features)
+
+
 def _sdpa_kv_cache(prefix_k, prefix_v, features):
     """Exact attention with a preallocated key/value cache: write the new token, attend to all."""
     n = prefix_k.shape[-2]
@@ -274,6 +283,8 @@ DECODE = DecodeSuite(
     dtypes=("float32",),
     impls=(Impl("step", "performer", "FAVOR+ performer.favor_attention_step, fused step (C++ on the CPU, the CUDA "
                 "kernel on a GPU)", _favor_step_with(backend="cpp")),
+           Impl("step_fmap", "performer FAVOR++", "the fused step with a frozen performer.FeatureMap (FAVOR++, "
+                "rescaling, key centering: a converted model)", _favor_step_with_map),
            Impl("step_torch", "torch step", "FAVOR+ step in plain PyTorch (backend='torch')",
                 _favor_step_with(backend="torch"), baseline=True),
            Impl("sdpa", "SDPA", "torch SDPA with a KV cache (exact)", _sdpa_kv_cache, baseline=True)))

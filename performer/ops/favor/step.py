@@ -185,5 +185,7 @@ def _apply(feature_map: FeatureMap, args):
                 args.key_padding_mask)
     if p is None:
         return args
+    plain = args.plain and all(type(t) is _TENSOR for t in (p.query, p.key, p.features, p.feature_bias)
+                               if t is not None)
     return args._replace(q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0,
-                         plain=False)
+                         plain=plain)
