@@ -18,7 +18,15 @@ static inline vreg vbroadcast(float x) { return _mm512_set1_ps(x); }
 static inline vreg vfma(vreg a, vreg b, vreg c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vreg vadd(vreg a, vreg b) { return _mm512_add_ps(a, b); }
 static inline vreg vzero() { return _mm512_setzero_ps(); }
-static inline float vsum(vreg v) { return _mm512_reduce_add_ps(v); }
+static inline float vsum(vreg v) {
+  // (masked extracts: GCC 12 warns that _mm512_reduce_add_ps and the cast read an undefined vector)
+  const __m512d d = _mm512_castps_pd(v);
+  const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, d, 0)),
+                                 _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xff, d, 1)));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 #elif defined(PERFORMER_ISA_AVX2)
 typedef __m256 vreg;
 static inline vreg vload(const float* p) { return _mm256_loadu_ps(p); }
