@@ -182,10 +182,9 @@ class FeatureMap(nn.Module):
             return Prepared(query * c, key * c, features, None)
         E, acc = key.shape[3], _acc(query)
         key_of_call = self._reuse_key(query, key, features, scale)
-        memo = self.__dict__.get("_derived")
-        if key_of_call is not None and memo is not None and _same_key(memo[0], key_of_call):
-            qmul, kmul, kadd, w, bias = memo[1]
-            return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
+        reused = self.reused(query, key, key_of_call)
+        if reused is not None:
+            return reused
         if self.frozen:
             mean, log_psi, a = (t.to(acc) for t in (self.key_mean, self.log_psi, self.coef_a))
             if mean.shape != (Hk, E):
@@ -221,6 +220,15 @@ class FeatureMap(nn.Module):
             self.__dict__["_derived"] = (key_of_call, (qmul, kmul, kadd, w, bias))
         return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
 
+    def reused(self, query: torch.Tensor, key: torch.Tensor, key_of_call) -> Optional[Prepared]:
+        """The call's result from the derived tensors of an earlier call with the same
+        ``_reuse_key(query, key, features, scale)``, or None (nothing is computed then)."""
+        memo = self.__dict__.get("_derived")
+        if key_of_call is None or memo is None or not _same_key(memo[0], key_of_call):
+            return None
+        qmul, kmul, kadd, w, bias = memo[1]
+        return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
+
     def _reuse_key(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor, scale: float):
         """What a frozen map's derived tensors (the per-dimension multipliers of query and key, the
         features and bias) depend on, or None where they must be computed afresh (statistics from the
@@ -234,7 +242,7 @@ class FeatureMap(nn.Module):
         if torch.is_grad_enabled() and (features.requires_grad or any(t.requires_grad for t in stats)):
             return None
         return (features, features._version, *((t, t._version) for t in stats), scale, query.dtype, query.device,
-                query.shape[1], key.shape[1])
+                query.shape[1], key.shape[1], query.shape[-1], key.shape[-1])
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -196,6 +196,30 @@ def test_in_place_decoding_calls_the_extension_directly(monkeypatch, layout):
     assert counting.calls == 4
 
 
+def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch):
+    """With a frozen FeatureMap, a decoder's tokens after the first reuse the map's derived features
+    and go straight to the extension (the full checks run once); the outputs and state equal the
+    out-of-place steps'."""
+    from performer.ops.favor import step as step_module
+    case = make_case(SPECS[1], torch.float32, seed=9)
+    fmap = performer.FeatureMap().freeze(case.q, case.k)
+    calls = []
+    full_checks = step_module.validate_favor_step
+    monkeypatch.setattr(step_module, "validate_favor_step", lambda *a, **kw: calls.append(1) or full_checks(*a, **kw))
+    state = reference = None
+    for t in range(6):
+        piece = [x[..., t:t + 1, :] for x in (case.q, case.k, case.v)]
+        want, reference = performer.favor_attention_step(*piece, reference, features=case.features,
+                                                         feature_map=fmap)
+        n = len(calls)
+        got, state = performer.favor_attention_step(*piece, state, features=case.features, feature_map=fmap,
+                                                    inplace=True)
+        assert len(calls) == n + (t == 0), t   # the first step (no state yet) takes the full path
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        for a, b in zip(state, reference):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["other_batch", "normalizer", "dtype", "field_not_tensor"])
 def test_in_place_bad_state_same_error(name):
     """A state the extension refuses with inplace=True gets the full checks' error, the one without

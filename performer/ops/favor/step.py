@@ -90,6 +90,24 @@ def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -
         return None
 
 
+def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask, feature_map):
+    """The direct in-place step with a frozen feature map whose derived features, bias and
+    multipliers an earlier step built for these features, statistics and scale (FeatureMap.reused):
+    a decoder's every token after its first. None where the full path must run."""
+    if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
+            or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4):
+        return None
+    if scale is None:
+        E = q.shape[3]
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif type(scale) is not float or not (scale > 0 and math.isfinite(scale)):
+        return None
+    p = feature_map.reused(q, k, feature_map._reuse_key(q, k, features, scale))
+    if p is None:
+        return None
+    return _step_in_place_direct(p.query, p.key, v, state, p.features, p.feature_bias, 1.0, kernel, mask)
+
+
 def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
     """torch.ops.performer.favor_step, or favor_step_ where the caller lets the state be updated in place."""
     state = a.state
@@ -165,9 +183,13 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Returns:
         (output (..., T, Ev) in the query's dtype, the FavorState after the new positions).
     """
-    if inplace is True and state is not None and (backend is None or backend == "cpp") and feature_map is None:
-        out = _step_in_place_direct(query, key, value, state, features, feature_bias, scale, kernel,
-                                    key_padding_mask)
+    if inplace is True and state is not None and (backend is None or backend == "cpp"):
+        if feature_map is None:
+            out = _step_in_place_direct(query, key, value, state, features, feature_bias, scale, kernel,
+                                        key_padding_mask)
+        else:
+            out = _map_step_in_place_direct(query, key, value, state, features, feature_bias, scale, kernel,
+                                            key_padding_mask, feature_map)
         if out is not None:
             return out, state
     args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace,
