@@ -182,7 +182,7 @@ class FeatureMap(nn.Module):
             return Prepared(query * c, key * c, features, None)
         E, acc = key.shape[3], _acc(query)
         key_of_call = self._reuse_key(query, key, features, scale)
-        reused = self.reused(query, key, key_of_call)
+        reused = self._from_memo(query, key, key_of_call)
         if reused is not None:
             return reused
         if self.frozen:
@@ -220,9 +220,14 @@ class FeatureMap(nn.Module):
             self.__dict__["_derived"] = (key_of_call, (qmul, kmul, kadd, w, bias))
         return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
 
-    def reused(self, query: torch.Tensor, key: torch.Tensor, key_of_call) -> Optional[Prepared]:
-        """The call's result from the derived tensors of an earlier call with the same
-        ``_reuse_key(query, key, features, scale)``, or None (nothing is computed then)."""
+    def reused(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
+               scale: float) -> Optional[Prepared]:
+        """What ``self(query, key, features, scale, True)`` returns, from the derived tensors of an
+        earlier call with the same features, statistics, scale and input dtype and heads; None where
+        there are none (nothing is checked or computed then)."""
+        return self._from_memo(query, key, self._reuse_key(query, key, features, scale))
+
+    def _from_memo(self, query: torch.Tensor, key: torch.Tensor, key_of_call) -> Optional[Prepared]:
         memo = self.__dict__.get("_derived")
         if key_of_call is None or memo is None or not _same_key(memo[0], key_of_call):
             return None

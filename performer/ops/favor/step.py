@@ -95,14 +95,15 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     multipliers an earlier step built for these features, statistics and scale (FeatureMap.reused):
     a decoder's every token after its first. None where the full path must run."""
     if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
-            or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4):
+            or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4
+            or not q.is_cpu):
         return None
     if scale is None:
         E = q.shape[3]
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     elif type(scale) is not float or not (scale > 0 and math.isfinite(scale)):
         return None
-    p = feature_map.reused(q, k, feature_map._reuse_key(q, k, features, scale))
+    p = feature_map.reused(q, k, features, scale)
     if p is None:
         return None
     return _step_in_place_direct(p.query, p.key, v, state, p.features, p.feature_bias, 1.0, kernel, mask)
