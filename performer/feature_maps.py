@@ -246,8 +246,8 @@ class FeatureMap(nn.Module):
         stats = (self.key_mean, self.log_psi, self.coef_a)
         if torch.is_grad_enabled() and (features.requires_grad or any(t.requires_grad for t in stats)):
             return None
-        return (features, features._version, *((t, t._version) for t in stats), scale, query.dtype, query.device,
-                query.shape[1], key.shape[1], query.shape[-1], key.shape[-1])
+        return (tuple((t, t._version) for t in (features, *stats)),
+                (scale, query.dtype, query.device, query.shape[1], key.shape[1], query.shape[-1], key.shape[-1]))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -256,16 +256,8 @@ class FeatureMap(nn.Module):
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
-    """FeatureMap._reuse_key equality: tensors by identity, the rest by value."""
-    if len(a) != len(b) or a[0] is not b[0]:
-        return False
-    for x, y in zip(a[1:], b[1:]):
-        if isinstance(x, tuple):
-            if x[0] is not y[0] or x[1] != y[1]:
-                return False
-        elif x != y:
-            return False
-    return True
+    """FeatureMap._reuse_key equality: the tensors by identity and version, the rest by value."""
+    return a[1] == b[1] and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a[0], b[0]))
 
 
 def prepare(feature_map, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
