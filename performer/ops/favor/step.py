@@ -59,6 +59,15 @@ def _direct(a) -> bool:
 _TENSOR = torch.Tensor
 
 
+def _direct_scale(q: torch.Tensor, scale) -> Optional[float]:
+    """The direct paths' scale: favor_attention's default 1/sqrt(E) for None, a float as given (the
+    extension checks it), None for anything else (the full path reports it)."""
+    if scale is None:
+        E = q.shape[3]
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0
+    return scale if type(scale) is float else None
+
+
 def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -> Optional[torch.Tensor]:
     """A decoder's per-token call (favor_attention_step(..., state, inplace=True) on plain 4-D CPU
     tensors needing no gradient, eager mode) straight to performer._C.favor_step_, in about a
@@ -79,10 +88,8 @@ def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -
         return None
     if torch._C._len_torch_dispatch_stack():
         return None
+    scale = _direct_scale(q, scale)
     if scale is None:
-        E = q.shape[3]
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    elif type(scale) is not float:
         return None
     try:
         return _C.favor_step_(q, k, v, features, bias, mask, kv, z, key_max, scale, kernel)
@@ -98,10 +105,8 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
             or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4
             or not q.is_cpu):
         return None
+    scale = _direct_scale(q, scale)
     if scale is None:
-        E = q.shape[3]
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    elif type(scale) is not float or not (scale > 0 and math.isfinite(scale)):
         return None
     p = feature_map.reused(q, k, features, scale)
     if p is None:
