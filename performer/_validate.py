@@ -433,12 +433,19 @@ def check_generator(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Generator or None; got {type(value).__name__}")
 
 
-def validate_feature_options(num_features, kernel, feature_redraw_interval, generator) -> None:
+def validate_feature_options(num_features, kernel, feature_redraw_interval, generator, feature_sampler=None) -> None:
     check_positive_int("num_features", num_features)
     check_choice("kernel", kernel, KERNELS)
     if feature_redraw_interval is not None:
         check_positive_int("feature_redraw_interval", feature_redraw_interval)
     check_generator("generator", generator)
+    check_feature_sampler(feature_sampler)
+
+
+def check_feature_sampler(value) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"feature_sampler must be a callable (num_features, dim, *, generator, device, dtype) -> "
+                        f"features, or None; got {type(value).__name__}")
 
 
 def validate_attention_config(embed_dim, num_heads, dropout, kdim, vdim) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ._validate import validate_feature_options
 from .feature_maps import FeatureMap
+from .features import FeatureSampler
 from .nn.attention import PerformerAttention
 
 log = logging.getLogger("performer")
@@ -27,14 +28,16 @@ _INTEGRATIONS = {
 
 def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax",
             generator: Optional[torch.Generator] = None, feature_redraw_interval: Optional[int] = None,
-            inplace: bool = True, strict: bool = False, feature_map: Optional[FeatureMap] = None) -> nn.Module:
+            inplace: bool = True, strict: bool = False, feature_map: Optional[FeatureMap] = None,
+            feature_sampler: Optional[FeatureSampler] = None) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (those inside nn.Transformer and its
     encoder/decoder layers included) by a ``PerformerAttention`` with the same configuration that
     shares its parameters (``PerformerAttention.from_multihead_attention``); returns the model.
 
     Args:
         model: any module; an nn.MultiheadAttention itself is returned converted.
-        num_features, kernel, feature_redraw_interval: for every new PerformerAttention.
+        num_features, kernel, feature_redraw_interval, feature_sampler: for every new PerformerAttention
+            (see performer.nn.RandomFeatures).
         generator: draws every module's initial features (and later redraws), in module order;
             None: each module seeds its own generator from the global RNG.
         inplace: False converts a deep copy and leaves ``model`` untouched.
@@ -51,7 +54,8 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     weights are no longer available: the converted modules reject need_weights=True and masks
     other than key padding and the causal mask (see PerformerAttention).
     """
-    model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict)
+    model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict,
+                             feature_sampler)
     if feature_map is not None and not isinstance(feature_map, FeatureMap):
         raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
     model, converted = replace_modules(
@@ -71,17 +75,18 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
 
 
 def prepare(model: nn.Module, num_features: int, kernel: str, feature_redraw_interval: Optional[int],
-            generator: Optional[torch.Generator], inplace: bool, strict: bool) -> tuple[nn.Module, dict]:
+            generator: Optional[torch.Generator], inplace: bool, strict: bool,
+            feature_sampler: Optional[FeatureSampler] = None) -> tuple[nn.Module, dict]:
     """The checks every convert function makes: (the model to convert, a deep copy unless
     ``inplace``; the feature options for each new module)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    validate_feature_options(num_features, kernel, feature_redraw_interval, generator)
+    validate_feature_options(num_features, kernel, feature_redraw_interval, generator, feature_sampler)
     for name, flag in (("inplace", inplace), ("strict", strict)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
     options = dict(num_features=num_features, kernel=kernel, feature_redraw_interval=feature_redraw_interval,
-                   generator=generator)
+                   generator=generator, feature_sampler=feature_sampler)
     return (model if inplace else copy.deepcopy(model)), options
 
 

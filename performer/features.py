@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -100,3 +100,17 @@ def _draw(num_features, dim, generator, scaling, dtype, device, block, antitheti
         norms = torch.full((rows,), math.sqrt(dim), device=device, dtype=torch.float64)
     w = w * norms.unsqueeze(1)
     return (torch.cat([w, -w]) if antithetic else w).to(dtype)
+
+
+FeatureSampler = Callable[..., torch.Tensor]
+
+
+def sample_features(sampler: Optional[FeatureSampler], num_features: int, dim: int, *, generator: torch.Generator,
+                    device, dtype: torch.dtype) -> torch.Tensor:
+    """Draw a module's (num_features, dim) features with ``sampler(num_features, dim, generator=,
+    device=, dtype=)`` (None: ``orthogonal_features``), checking what it returns."""
+    w = (sampler or orthogonal_features)(num_features, dim, generator=generator, device=device, dtype=dtype)
+    if not isinstance(w, torch.Tensor) or w.shape != (num_features, dim) or w.dtype != dtype:
+        got = (f"shape {tuple(w.shape)}, dtype {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__)
+        raise ValueError(f"feature_sampler must return a ({num_features}, {dim}) tensor of dtype {dtype}; got {got}")
+    return w

@@ -1,6 +1,7 @@
 """performer.integrations.hf: FAVOR+ in Hugging Face transformers models built from configs with
 random weights (no downloads): masks, features, generation with FavorCache, training, compile."""
 import copy
+import functools
 import math
 import warnings
 
@@ -93,6 +94,17 @@ def test_features_are_per_layer_derived_and_not_saved(tmp_path):
     assert again.config.favor_seed == 11
     with torch.no_grad():
         torch.testing.assert_close(again(ids).last_hidden_state, redrawn, atol=0, rtol=0)
+
+
+def test_feature_sampler_draws_every_module_features():
+    name = favor_hf.register("favor_fixed_norm", num_features=16, seed=3, feature_sampler=functools.partial(
+        performer.orthogonal_features, scaling="sqrt_d", antithetic=True))
+    model = favor_hf.prepare(bert(name))
+    feats = [b for n, b in model.named_buffers() if n.endswith(favor_hf.FEATURES)]
+    assert len(feats) == 2
+    for w in feats:
+        torch.testing.assert_close(w.norm(dim=-1), torch.full((16,), math.sqrt(w.shape[-1]), dtype=w.dtype))
+        assert torch.equal(w[8:], -w[:8])
 
 
 def test_set_attn_implementation_switches_a_model():
@@ -306,6 +318,7 @@ def test_favor_cache_refuses_crop():
     (dict(kernel="exp"), ValueError, "kernel must be one of"),
     (dict(seed=-1), ValueError, "seed must be a non-negative int"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(feature_sampler="sqrt_d"), TypeError, "feature_sampler must be a callable"),
 ])
 def test_register_validates(kwargs, error, match):
     with pytest.raises(error, match=match):

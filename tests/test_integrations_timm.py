@@ -2,6 +2,7 @@
 pretrained=False: nothing is downloaded). scripts/test.sh runs this file in .venv-timm, where
 PERFORMER_REQUIRE_TIMM=1 turns a missing timm into a failure instead of a skip."""
 import copy
+import functools
 import logging
 import os
 
@@ -266,6 +267,17 @@ def test_redraw_and_generator_make_features_reproducible():
     before = a.blocks[0].attn.features.clone()
     a.blocks[0].attn.redraw_features(torch.Generator().manual_seed(9))
     assert not torch.equal(before, a.blocks[0].attn.features)
+
+
+def test_feature_sampler_draws_every_module_features():
+    sampler = functools.partial(performer.orthogonal_features, scaling="sqrt_d", antithetic=True)
+    model = favor_timm.convert(vit(), num_features=16, feature_sampler=sampler)
+    for block in model.blocks:
+        w = block.attn.features
+        torch.testing.assert_close(w.norm(dim=-1), torch.full((16,), w.shape[-1] ** 0.5, dtype=w.dtype))
+        assert torch.equal(w[8:], -w[:8])
+    block.attn.redraw_features()
+    assert torch.equal(block.attn.features[8:], -block.attn.features[:8])
 
 
 def test_calibrate_refuses_timm_attention_by_name():

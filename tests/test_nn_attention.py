@@ -1,5 +1,7 @@
 """PerformerAttention and FastAttention: nn.MultiheadAttention's interface, parameters and layouts;
 random features in a buffer with their redraw schedule; dropout; decoding with a cache."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,6 +245,43 @@ def test_redraw_schedule_counts_training_forwards_only():
     # the count resumes after eval (forward 6 is the 2nd since the draw before forward 5, forward 7 redraws)
     assert changed == [False, True, False, True, False, False, False, False, True]
     assert torch.equal(seen[4], seen[7])
+
+
+FIXED_NORM = functools.partial(performer.orthogonal_features, scaling="sqrt_d", antithetic=True)
+
+
+def assert_fixed_norm_antithetic(w):
+    m, d = w.shape[-2:]
+    torch.testing.assert_close(w.norm(dim=-1), torch.full(w.shape[:-1], d ** 0.5))
+    assert torch.equal(w[..., m // 2:, :], -w[..., :m // 2, :])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: performer.PerformerAttention(E, HEADS, num_features=8, feature_sampler=FIXED_NORM),
+    lambda: performer.PerformerAttention.from_multihead_attention(nn.MultiheadAttention(E, HEADS), num_features=8,
+                                                                   feature_sampler=FIXED_NORM),
+    lambda: performer.FastAttention(E // HEADS, num_features=8, feature_sampler=FIXED_NORM),
+    lambda: performer.convert(nn.TransformerEncoderLayer(E, HEADS), num_features=8,
+                              feature_sampler=FIXED_NORM).self_attn,
+], ids=["PerformerAttention", "from_multihead_attention", "FastAttention", "convert"])
+def test_feature_sampler_draws_the_first_and_every_later_draw(make):
+    module = make()
+    assert_fixed_norm_antithetic(module.features)
+    before = module.features.clone()
+    module.redraw_features()
+    assert not torch.equal(module.features, before)
+    assert_fixed_norm_antithetic(module.features)
+    # the default sampler draws chi norms
+    norms = performer.PerformerAttention(E, HEADS, num_features=8).features.norm(dim=-1)
+    assert norms.std() > 0.1
+
+
+def test_feature_sampler_output_is_checked():
+    def wrong(m, d, *, generator, device, dtype):
+        return torch.zeros(m, d + 1, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match=r"feature_sampler must return a \(8, 4\) tensor of dtype torch.float32; "
+                                         r"got shape \(8, 5\), dtype torch.float32"):
+        performer.PerformerAttention(E, HEADS, num_features=8, feature_sampler=wrong)
 
 
 def test_no_redraws_without_interval():

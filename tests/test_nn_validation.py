@@ -35,6 +35,8 @@ BAD_CONSTRUCTIONS = [
     ("redraw_interval", dict(feature_redraw_interval=0), ValueError,
      ["feature_redraw_interval must be at least 1", "got 0"]),
     ("generator", dict(generator=0), TypeError, ["generator must be a torch.Generator or None", "got int"]),
+    ("feature_sampler", dict(feature_sampler="sqrt_d"), TypeError,
+     ["feature_sampler must be a callable (num_features, dim, *, generator, device, dtype)", "got str"]),
 ]
 
 
@@ -155,6 +157,7 @@ def test_convert_messages():
     _check(lambda: performer.convert(model, kernel="cos"), ValueError, ["kernel must be one of"])
     _check(lambda: performer.convert(model, generator=1), TypeError, ["generator must be a torch.Generator"])
     _check(lambda: performer.convert(model, inplace=None), TypeError, ["inplace must be a bool", "got NoneType"])
+    _check(lambda: performer.convert(model, feature_sampler=1), TypeError, ["feature_sampler must be a callable"])
     _check(lambda: performer.PerformerAttention.from_multihead_attention(nn.Linear(2, 2)), TypeError,
            ["mha must be a torch.nn.MultiheadAttention", "got Linear"])
     assert isinstance(model.self_attn, nn.MultiheadAttention)  # failed conversions leave the model alone

@@ -52,8 +52,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("performer.integrations.hf needs Hugging Face transformers >= 5 "
                       "(pip install 'transformers>=5')") from exc
 
-from .._validate import check_choice, check_positive_int
-from ..features import orthogonal_features
+from .._validate import check_choice, check_feature_sampler, check_positive_int
+from ..features import FeatureSampler, sample_features
 from ..ops.favor import FavorState, favor_attention, favor_attention_step
 from ._masks import reduce_mask
 
@@ -73,11 +73,13 @@ _UNSUPPORTED = {
 
 
 def register(name: str = "favor", *, num_features: int = 256, kernel: str = "softmax", seed: int = 0,
-             backend: Optional[str] = None) -> str:
+             backend: Optional[str] = None, feature_sampler: Optional[FeatureSampler] = None) -> str:
     """Register FAVOR+ with transformers under ``name`` (an attention function and its mask
     function); returns ``name`` for ``attn_implementation=``. Registering a name again replaces
     its options. ``num_features``, ``kernel`` and ``backend`` are those of
-    ``performer.favor_attention``; ``seed`` fixes every module's features (see the module docstring)."""
+    ``performer.favor_attention``; ``seed`` fixes every module's features (see the module docstring),
+    which ``feature_sampler`` draws (see ``performer.nn.RandomFeatures``; default
+    ``performer.orthogonal_features``)."""
     if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash"):
         raise ValueError(f"name must be a new attention implementation name (not eager, sdpa or flash*); got {name!r}")
     check_positive_int("num_features", num_features)
@@ -86,7 +88,9 @@ def register(name: str = "favor", *, num_features: int = 256, kernel: str = "sof
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     if backend is not None:
         check_choice("backend", backend, ("cpp", "triton", "torch"))
-    options = dict(num_features=num_features, kernel=kernel, seed=seed, backend=backend)
+    check_feature_sampler(feature_sampler)
+    options = dict(num_features=num_features, kernel=kernel, seed=seed, backend=backend,
+                   feature_sampler=feature_sampler)
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         return _favor_attention_forward(options, module, query, key, value, attention_mask, dropout, scaling,
@@ -181,7 +185,8 @@ def _features(options: dict, module: nn.Module, dim: int, like: torch.Tensor) ->
     seed = getattr(module.config, "favor_seed", options["seed"])
     # One stream per (seed, layer, attention class): self- and cross-attention of a layer differ.
     stream = zlib.crc32(f"{seed}:{_layer_index(module)}:{type(module).__name__}".encode())
-    w = orthogonal_features(options["num_features"], dim, generator=torch.Generator().manual_seed(stream))
+    w = sample_features(options["feature_sampler"], options["num_features"], dim,
+                        generator=torch.Generator().manual_seed(stream), device="cpu", dtype=torch.float32)
     features = w.to(device=like.device, dtype=like.dtype if like.dtype.is_floating_point else torch.float32)
     module.register_buffer(FEATURES, features, persistent=False)
     return features

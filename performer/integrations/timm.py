@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .._validate import validate_feature_options
 from ..convert import count_classes, prepare, replace_modules
+from ..features import FeatureSampler
 from ..nn.features import RandomFeatures
 from ..ops.favor import favor_attention
 from ._masks import reduce_mask
@@ -60,7 +61,8 @@ class _FavorTimmAttention(RandomFeatures):
     @classmethod
     def from_timm(cls, module: nn.Module, *, num_features: int = 256, kernel: str = "softmax",
                   feature_redraw_interval: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> "_FavorTimmAttention":
+                  generator: Optional[torch.Generator] = None,
+                  feature_sampler: Optional[FeatureSampler] = None) -> "_FavorTimmAttention":
         """A FAVOR+ module holding ``module``'s parameters, buffers and submodules (the same
         objects), in its mode; ``module`` itself is left unchanged."""
         base = cls.timm_class
@@ -78,7 +80,7 @@ class _FavorTimmAttention(RandomFeatures):
             setattr(new, registry, copy.copy(getattr(module, registry)))
         like = next(module.parameters())
         new._init_features(num_features, module.head_dim, kernel, feature_redraw_interval, generator,
-                           like.device, like.dtype)
+                           like.device, like.dtype, feature_sampler=feature_sampler)
         return new
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -195,17 +197,19 @@ CONVERSIONS: dict[type, type] = {c.timm_class: c for c in (FavorAttention, Favor
 
 def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax",
             generator: Optional[torch.Generator] = None, feature_redraw_interval: Optional[int] = None,
-            inplace: bool = True, strict: bool = False) -> nn.Module:
+            inplace: bool = True, strict: bool = False, feature_sampler: Optional[FeatureSampler] = None) -> nn.Module:
     """Replace every supported timm attention module of ``model`` (see the module docstring) by
     its FAVOR+ subclass sharing its parameters; returns the model (the new module when ``model``
     is itself an attention module). Options as ``performer.convert``: ``num_features``, ``kernel``,
-    ``feature_redraw_interval``, ``generator`` (draws every module's features in module order),
+    ``feature_redraw_interval``, ``feature_sampler``, ``generator`` (draws every module's features in
+    module order),
     ``inplace=False`` converts a deep copy.
 
     Logs (logger "performer", INFO) how many modules of each class it replaced; warns naming the
     attention classes it left unchanged (UserWarning), or raises a ValueError with ``strict=True``
     when it replaced nothing."""
-    model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict)
+    model, options = prepare(model, num_features, kernel, feature_redraw_interval, generator, inplace, strict,
+                             feature_sampler)
     model, converted = replace_modules(model, lambda m: type(m) in CONVERSIONS,
                                        lambda m: CONVERSIONS[type(m)].from_timm(m, **options))
     left = count_classes(type(m) for m in model.modules()

@@ -12,6 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._validate import validate_attention_config, validate_attention_inputs
 from ..feature_maps import FeatureMap
+from ..features import FeatureSampler
 from ..ops.favor import FavorState, favor_attention_step
 from .features import RandomFeatures
 
@@ -28,13 +29,14 @@ class FastAttention(RandomFeatures):
 
     def __init__(self, dim_head: int, num_features: int = 256, causal: bool = False, kernel: str = "softmax", *,
                  feature_redraw_interval: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 feature_map: Optional[FeatureMap] = None, device=None, dtype=None):
+                 feature_map: Optional[FeatureMap] = None, feature_sampler: Optional[FeatureSampler] = None,
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
         self.causal = causal
         self._init_features(num_features, dim_head, kernel, feature_redraw_interval, generator, device, dtype,
-                            feature_map)
+                            feature_map, feature_sampler)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,7 +71,7 @@ class PerformerAttention(RandomFeatures):
 
     - num_features: random features per head (m); more features, closer to softmax attention.
     - kernel: "softmax" approximates softmax attention; "relu" is generalized attention.
-    - feature_redraw_interval, generator, feature_map: see RandomFeatures.
+    - feature_redraw_interval, generator, feature_map, feature_sampler: see RandomFeatures.
 
     Differences from nn.MultiheadAttention, where FAVOR+ has no attention matrix:
 
@@ -90,7 +92,8 @@ class PerformerAttention(RandomFeatures):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
                  num_features: int = 256, kernel: str = "softmax", feature_redraw_interval: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, feature_map: Optional[FeatureMap] = None):
+                 generator: Optional[torch.Generator] = None, feature_map: Optional[FeatureMap] = None,
+                 feature_sampler: Optional[FeatureSampler] = None):
         super().__init__()
         validate_attention_config(embed_dim, num_heads, dropout, kdim, vdim)
         factory = dict(device=device, dtype=dtype)
@@ -123,7 +126,7 @@ class PerformerAttention(RandomFeatures):
             self.bias_k = self.bias_v = None
         self._reset_parameters()
         self._init_features(num_features, self.head_dim, kernel, feature_redraw_interval, generator, device, dtype,
-                            feature_map)
+                            feature_map, feature_sampler)
 
     def _reset_parameters(self) -> None:
         for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
@@ -140,7 +143,8 @@ class PerformerAttention(RandomFeatures):
     def from_multihead_attention(cls, mha: nn.MultiheadAttention, *, num_features: int = 256,
                                  kernel: str = "softmax", feature_redraw_interval: Optional[int] = None,
                                  generator: Optional[torch.Generator] = None,
-                                 feature_map: Optional[FeatureMap] = None) -> "PerformerAttention":
+                                 feature_map: Optional[FeatureMap] = None,
+                                 feature_sampler: Optional[FeatureSampler] = None) -> "PerformerAttention":
         """A PerformerAttention with ``mha``'s configuration, sharing its parameters (the same
         Parameter objects, so an optimizer that holds them keeps training them), in its mode."""
         if not isinstance(mha, nn.MultiheadAttention):
@@ -150,7 +154,7 @@ class PerformerAttention(RandomFeatures):
                   add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
                   batch_first=mha.batch_first, device=weight.device, dtype=weight.dtype, num_features=num_features,
                   kernel=kernel, feature_redraw_interval=feature_redraw_interval, generator=generator,
-                  feature_map=feature_map)
+                  feature_map=feature_map, feature_sampler=feature_sampler)
         for name, param in mha.named_parameters(recurse=False):
             setattr(new, name, param)
         new.out_proj = mha.out_proj
