@@ -191,11 +191,11 @@ class AccuracyInputs:
     offset: bool = False
 
 
-def _estimator(sampler: str = "orthogonal", antithetic: bool = False, **feature_map):
+def _estimator(sampler: str = "orthogonal", antithetic: bool = False, scaling: str = "chi", **feature_map):
     """fn(m, dim, generator, dtype) -> (features, FeatureMap) for the accuracy suite."""
     def make(m, dim, generator, dtype):
         draw = performer.simplex_features if sampler == "simplex" else performer.orthogonal_features
-        features = draw(m, dim, generator=generator, dtype=dtype, antithetic=antithetic)
+        features = draw(m, dim, generator=generator, dtype=dtype, antithetic=antithetic, scaling=scaling)
         return features, performer.FeatureMap(**dict(dict(kind="favor+", rescale=False, center_keys=False),
                                                      **feature_map))
     return make
@@ -229,7 +229,9 @@ ACCURACY = AccuracySuite(
            Impl("rescale+center", "rescale+center", "FAVOR+, rescaled, keys centered",
                 _estimator(rescale=True, center_keys=True)),
            Impl("all", "all", "FAVOR++, antithetic, rescaled, keys centered",
-                _estimator(antithetic=True, kind="favor++", rescale=True, center_keys=True))))
+                _estimator(antithetic=True, kind="favor++", rescale=True, center_keys=True)),
+           Impl("fixed norm", "fixed norm", "FAVOR+, antithetic orthogonal features of norm sqrt(d), rescaled, "
+                "keys centered", _estimator(antithetic=True, scaling="sqrt_d", rescale=True, center_keys=True))))
 
 
 @dataclass(frozen=True)
