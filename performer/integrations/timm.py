@@ -201,9 +201,8 @@ def convert(model: nn.Module, *, num_features: int = 256, kernel: str = "softmax
     """Replace every supported timm attention module of ``model`` (see the module docstring) by
     its FAVOR+ subclass sharing its parameters; returns the model (the new module when ``model``
     is itself an attention module). Options as ``performer.convert``: ``num_features``, ``kernel``,
-    ``feature_redraw_interval``, ``feature_sampler``, ``generator`` (draws every module's features in
-    module order),
-    ``inplace=False`` converts a deep copy.
+    ``feature_redraw_interval``, ``feature_sampler``, ``generator`` (draws every module's features
+    in module order), ``inplace=False`` converts a deep copy.
 
     Logs (logger "performer", INFO) how many modules of each class it replaced; warns naming the
     attention classes it left unchanged (UserWarning), or raises a ValueError with ``strict=True``
