@@ -83,8 +83,7 @@ class RandomFeatures(nn.Module):
                 self.generator = torch.Generator(self.features.device).manual_seed(seed)
             generator = self.generator
         *heads, m, dim = self.features.shape
-        sampler = getattr(self, "feature_sampler", None)  # absent from modules pickled by older versions
-        draws = [sample_features(sampler, m, dim, generator=generator, device=generator.device,
+        draws = [sample_features(self.feature_sampler, m, dim, generator=generator, device=generator.device,
                                  dtype=self.features.dtype) for _ in range(heads[0] if heads else 1)]
         self.features.copy_(torch.stack(draws) if heads else draws[0])
         _broadcast_from_rank0(self.features)
