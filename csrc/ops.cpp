@@ -75,13 +75,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("favor_step_", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& features,
                           const std::optional<at::Tensor>& feature_bias,
                           const std::optional<at::Tensor>& key_padding_mask, at::Tensor& kv, at::Tensor& normalizer,
-                          at::Tensor& key_max, double scale, const std::string& kernel) {
+                          at::Tensor& key_max, double scale, const std::string& kernel,
+                          const std::optional<at::Tensor>& q_mul, const std::optional<at::Tensor>& k_mul,
+                          const std::optional<at::Tensor>& k_add, const std::optional<at::Tensor>& k_post,
+                          const std::optional<at::Tensor>& head_bias) {
     TORCH_CHECK(q.device().is_cpu(), "performer._C.favor_step_ runs on CPU tensors; got ", q.device());
     pybind11::gil_scoped_release no_gil;
     return performer::cpu::favor_step_inplace(q, k, v, features, feature_bias, key_padding_mask, kv, normalizer,
-                                              key_max, scale,
-                                              c10::string_view(kernel.data(), kernel.size()));
-  });
+                                              key_max, scale, c10::string_view(kernel.data(), kernel.size()),
+                                              q_mul, k_mul, k_add, k_post, head_bias);
+  }, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("features"),
+     pybind11::arg("feature_bias"), pybind11::arg("key_padding_mask"), pybind11::arg("kv"),
+     pybind11::arg("normalizer"), pybind11::arg("key_max"), pybind11::arg("scale"), pybind11::arg("kernel"),
+     pybind11::arg("q_mul") = pybind11::none(), pybind11::arg("k_mul") = pybind11::none(),
+     pybind11::arg("k_add") = pybind11::none(), pybind11::arg("k_post") = pybind11::none(),
+     pybind11::arg("head_bias") = pybind11::none());
   m.def("block_sparse_linear", [](const at::Tensor& x, const at::Tensor& values, const at::Tensor& block_cols,
                                   const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, int64_t N) {
     TORCH_CHECK(x.device().is_cpu(), "performer._C.block_sparse_linear runs on CPU tensors; got ", x.device());

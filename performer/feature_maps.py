@@ -41,6 +41,37 @@ MAX_TRAINED_COEF_A = 0.1  # a trainable FAVOR++ coefficient is clamped here (the
 
 
 @dataclass(frozen=True)
+class StepTransform:
+    """The same map in the form of performer._C.favor_step_'s transform arguments (csrc/cpu/
+    favor_step.h), all in the kernel's accumulation dtype: FAVOR++'s B moves from per-head features
+    onto the rows (q_mul, k_post), so that features shared by the heads stay shared (one (m, E) set
+    read for every head instead of Hk), with the bias per key head (head_bias)."""
+
+    features: torch.Tensor
+    q_mul: torch.Tensor                # (H, E) as (1, H, 1, E)
+    k_mul: torch.Tensor                # (Hk, E) as (1, Hk, 1, E)
+    k_add: torch.Tensor
+    k_post: Optional[torch.Tensor]     # (Hk,)
+    head_bias: Optional[torch.Tensor]  # (Hk, m) as (1, Hk, m)
+    feature_bias: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What a frozen map derives from its statistics and the features, for inputs of one dtype and
+    head count: query -> query * query_mul, key -> key * key_mul + key_add (sqrt(scale) included),
+    and the features and feature_bias favor_attention takes; ``step`` the same for the fused
+    decoding step (float32 and float64 inputs, else None)."""
+
+    query_mul: torch.Tensor
+    key_mul: torch.Tensor
+    key_add: torch.Tensor
+    features: torch.Tensor
+    feature_bias: Optional[torch.Tensor]
+    step: Optional[StepTransform] = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     """What favor_attention takes after a feature map: query and key (the canonical (B, H, L, E)
     and (B, Hk, S, E), already multiplied by sqrt(scale): pass scale=1), features and feature_bias."""
@@ -182,9 +213,9 @@ class FeatureMap(nn.Module):
             return Prepared(query * c, key * c, features, None)
         E, acc = key.shape[3], _acc(query)
         key_of_call = self._reuse_key(query, key, features, scale)
-        reused = self._from_memo(query, key, key_of_call)
-        if reused is not None:
-            return reused
+        derived = self._from_memo(key_of_call)
+        if derived is not None:
+            return _prepared(derived, query, key)
         if self.frozen:
             mean, log_psi, a = (t.to(acc) for t in (self.key_mean, self.log_psi, self.coef_a))
             if mean.shape != (Hk, E):
@@ -208,46 +239,70 @@ class FeatureMap(nn.Module):
         dt = query.dtype
         qmul = (c * psi).repeat_interleave(query.shape[1] // Hk, dim=1).to(dt)
         kmul, kadd = (c / psi).to(dt), (-(mean[:, :, None, :] / psi)).to(dt)
+        step, memo = None, key_of_call is not None and dt == acc   # the fused step's form: memoized calls only
         if self.kind == "favor+":
             w, bias = features, None
+            if memo:
+                step = StepTransform(w, qmul, kmul, kadd, None, None, None)
         else:
-            w = features.to(acc)
-            w = w if w.dim() in (2, 4) else w[None]                                  # (m, E) or (Bf, Hf, m, E)
+            w0 = features.to(acc)
+            w0 = w0 if w0.dim() in (2, 4) else w0[None]                              # (m, E) or (Bf, Hf, m, E)
             a = a.to(acc)
-            bias = a[..., None] * (w * w).sum(-1)                                    # (Bs, Hk, m)
-            w = torch.sqrt(1 - 4 * a)[..., None, None] * w                           # (Bs, Hk, m, E): B W
+            bias = a[..., None] * (w0 * w0).sum(-1)                                  # (Bs, Hk, m)
+            b_coef = torch.sqrt(1 - 4 * a)                                           # (Bs, Hk)
+            w = b_coef[..., None, None] * w0                                         # (Bs, Hk, m, E): B W
+            if memo and w0.dim() == 2 and b_coef.shape[0] == 1:
+                g = query.shape[1] // Hk
+                step = StepTransform(w0.contiguous(), qmul * b_coef.repeat_interleave(g, dim=1)[:, :, None, None],
+                                     kmul, kadd, b_coef[0].contiguous(), bias, None)
+            elif memo:
+                step = StepTransform(w, qmul, kmul, kadd, None, None, bias)
+        derived = Derived(qmul, kmul, kadd, w, bias, step)
         if key_of_call is not None:
-            self.__dict__["_derived"] = (key_of_call, (qmul, kmul, kadd, w, bias))
-        return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
+            self.__dict__["_derived"] = (key_of_call, derived)
+        return _prepared(derived, query, key)
 
-    def reused(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
-               scale: float) -> Optional[Prepared]:
-        """What ``self(query, key, features, scale, True)`` returns, from the derived tensors of an
-        earlier call with the same features, statistics, scale and input dtype and heads; None where
-        there are none (nothing is checked or computed then)."""
-        return self._from_memo(query, key, self._reuse_key(query, key, features, scale))
+    def derived(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
+                scale: float) -> Optional[Derived]:
+        """The multipliers, features and bias that ``self(query, key, features, scale, True)`` uses,
+        as an earlier call with the same features, statistics, scale and input dtype and heads built
+        them; None where there are none (nothing is checked or computed then). A decoder's step
+        passes them to the fused kernel, which applies the multipliers as it loads the rows."""
+        return self._from_memo(self._reuse_key(query, key, features, scale))
 
-    def _from_memo(self, query: torch.Tensor, key: torch.Tensor, key_of_call) -> Optional[Prepared]:
+    def _from_memo(self, key_of_call) -> Optional[Derived]:
         memo = self.__dict__.get("_derived")
         if key_of_call is None or memo is None or not _same_key(memo[0], key_of_call):
             return None
-        qmul, kmul, kadd, w, bias = memo[1]
-        return Prepared(query * qmul, torch.addcmul(kadd, key, kmul), w, bias)
+        return memo[1]
+
+    def _statistics_tensors(self) -> tuple:
+        """(key_mean, log_psi, coef_a), buffers or parameters (None before freeze), read from the
+        module's dicts: nn.Module.__getattr__ costs about 2 us a name, and a decoder's step counts."""
+        b, p = self._buffers, self._parameters
+        return (b["key_mean"] if "key_mean" in b else p.get("key_mean"),
+                b["log_psi"] if "log_psi" in b else p.get("log_psi"),
+                b["coef_a"] if "coef_a" in b else p.get("coef_a"))
 
     def _reuse_key(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor, scale: float):
         """What a frozen map's derived tensors (the per-dimension multipliers of query and key, the
         features and bias) depend on, or None where they must be computed afresh (statistics from the
         call, a gradient through them, torch.compile). A decoder's every step then costs two
-        elementwise passes over its new query and key instead of rebuilding (Hk, m, E) features. The
-        tensors are compared by identity and version (an in-place change, load_state_dict or .to()
-        invalidates them); the memo is not state: it is never saved and a copy recomputes it."""
-        if not self.frozen or torch.compiler.is_compiling():
+        elementwise passes over its new query and key (none in the fused C++ step) instead of
+        rebuilding (Hk, m, E) features. The tensors are compared by identity and version (an in-place
+        change, load_state_dict or .to() invalidates them); the memo is not state: it is never saved
+        and a copy recomputes it."""
+        if torch.compiler.is_compiling():
             return None
-        stats = (self.key_mean, self.log_psi, self.coef_a)
-        if torch.is_grad_enabled() and (features.requires_grad or any(t.requires_grad for t in stats)):
+        mean, log_psi, a = self._statistics_tensors()
+        if a is None:  # not frozen
             return None
-        return (tuple((t, t._version) for t in (features, *stats)),
-                (scale, query.dtype, query.device, query.shape[1], key.shape[1], query.shape[-1], key.shape[-1]))
+        if torch.is_grad_enabled() and (features.requires_grad or mean.requires_grad or log_psi.requires_grad
+                                        or a.requires_grad):
+            return None
+        qs, ks = query.shape, key.shape
+        return ((features, mean, log_psi, a), (features._version, mean._version, log_psi._version, a._version),
+                (scale, query.dtype, query.device, qs[1], ks[1], qs[-1], ks[-1]))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -256,8 +311,14 @@ class FeatureMap(nn.Module):
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
-    """FeatureMap._reuse_key equality: the tensors by identity and version, the rest by value."""
-    return a[1] == b[1] and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a[0], b[0]))
+    """FeatureMap._reuse_key equality: the tensors by identity, their versions and the rest by value."""
+    ta, tb = a[0], b[0]
+    return (ta[0] is tb[0] and ta[1] is tb[1] and ta[2] is tb[2] and ta[3] is tb[3] and a[1] == b[1]
+            and a[2] == b[2])
+
+
+def _prepared(d: Derived, query: torch.Tensor, key: torch.Tensor) -> Prepared:
+    return Prepared(query * d.query_mul, torch.addcmul(d.key_add, key, d.key_mul), d.features, d.feature_bias)
 
 
 def prepare(feature_map, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,

@@ -289,7 +289,7 @@ def test_frozen_map_reuses_its_derived_tensors_until_an_input_changes():
     check(single, fresh(q[:, :, :1].float(), k[:, :, :1].float(), w.float()))
     # Copies and pickles carry no derived tensors of the original's inputs.
     for other in (copy.deepcopy(fmap), torch.load(io.BytesIO(_saved(fmap)), weights_only=False)):
-        assert "_derived" not in other.__dict__ or other.__dict__["_derived"][0][0] is not w
+        assert "_derived" not in other.__dict__ or other.__dict__["_derived"][0][0][0] is not w
         check(other(q[:, :, :1], k[:, :, :1], w, 0.25, True), fresh(q[:, :, :1], k[:, :, :1], w))
     # Trainable statistics with gradients enabled: built per call, so that the gradient reaches them.
     trainable = FeatureMap().freeze(q, k, trainable=True)

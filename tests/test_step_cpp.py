@@ -152,10 +152,11 @@ class _CountingExtension:
     """performer._C with its favor_step_ calls counted."""
 
     def __init__(self, ext):
-        self.ext, self.calls = ext, 0
+        self.ext, self.calls, self.transformed = ext, 0, 0
 
     def favor_step_(self, *args):
         self.calls += 1
+        self.transformed += len(args) > 11   # a frozen map's row transform
         return self.ext.favor_step_(*args)
 
 
@@ -196,28 +197,96 @@ def test_in_place_decoding_calls_the_extension_directly(monkeypatch, layout):
     assert counting.calls == 4
 
 
-def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kind,layout", [("favor++", "shared"), ("favor++", "per_head"), ("favor+", "shared")])
+def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch, dtype, kind, layout):
     """With a frozen FeatureMap, a decoder's tokens after the first reuse the map's derived features
-    and go straight to the extension (the full checks run once); the outputs and state equal the
-    out-of-place steps'."""
+    and go straight to the extension (the full checks run once), which applies the map's transform
+    of the rows itself for float32 and float64 inputs; the outputs and state equal the out-of-place
+    steps' to rounding."""
     from performer.ops.favor import step as step_module
-    case = make_case(SPECS[1], torch.float32, seed=9)
-    fmap = performer.FeatureMap().freeze(case.q, case.k)
+    case = make_case(SPECS[0], dtype, seed=9)
+    features = case.features if layout == "shared" else feature_sets(case.features, "per_batch_head", 1,
+                                                                     case.spec.Hk)[0][0]
+    fmap = performer.FeatureMap(kind).freeze(case.q, case.k)
     calls = []
     full_checks = step_module.validate_favor_step
     monkeypatch.setattr(step_module, "validate_favor_step", lambda *a, **kw: calls.append(1) or full_checks(*a, **kw))
+    counting = _CountingExtension(step_module._C)
+    monkeypatch.setattr(step_module, "_C", counting)
     state = reference = None
     for t in range(6):
         piece = [x[..., t:t + 1, :] for x in (case.q, case.k, case.v)]
-        want, reference = performer.favor_attention_step(*piece, reference, features=case.features,
-                                                         feature_map=fmap)
+        want, reference = performer.favor_attention_step(*piece, reference, features=features, feature_map=fmap)
         n = len(calls)
-        got, state = performer.favor_attention_step(*piece, state, features=case.features, feature_map=fmap,
+        got, state = performer.favor_attention_step(*piece, state, features=features, feature_map=fmap,
                                                     inplace=True)
         assert len(calls) == n + (t == 0), t   # the first step (no state yet) takes the full path
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+        state_tol = 1e-12 if dtype == torch.float64 else 2e-5
         for a, b in zip(state, reference):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            torch.testing.assert_close(a, b, atol=state_tol, rtol=state_tol)
+    fused = dtype in (torch.float32, torch.float64)
+    assert counting.calls == 5 and counting.transformed == (5 if fused else 0)
+    if fused:  # FAVOR++'s coefficient on the rows: heads that share the features read one matrix
+        step = fmap.derived(*piece[:2], features, case.spec.E ** -0.5 if case.spec.scale is None
+                            else case.spec.scale).step
+        shared = layout == "shared"
+        assert (step.features.dim() == 2) == shared and (step.k_post is not None) == (shared and kind == "favor++")
+
+
+def _fused_transform_case(B, H, Hk, E, m, dtype, seed=0):
+    """performer._C.favor_step_ with a row transform (q_mul, k_mul, k_add, k_post, head_bias) on
+    random values, and the plain-PyTorch step on the inputs and features it stands for: query
+    q * q_mul / k_post (the kernel projects W (q * q_mul), and the torch step multiplies by its
+    head's features k_post W), key k * k_mul + k_add, features k_post W per key head, bias head_bias.
+    Returns (out, state) of each, after a prefix of 3 tokens and one more."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    q, k, v = r(B, H, 4, E), r(B, Hk, 4, E), r(B, Hk, 4, E)
+    w = performer.orthogonal_features(m, E, generator=g, dtype=dtype)
+    q_mul, k_mul, k_add = 1 + 0.3 * r(1, H, 1, E), 1 + 0.3 * r(1, Hk, 1, E), 0.2 * r(1, Hk, 1, E)
+    k_post, head_bias = 0.8 + 0.2 * torch.rand(Hk, generator=g, dtype=dtype), 0.1 * r(1, Hk, m)
+    post_q = k_post.repeat_interleave(H // Hk)[None, :, None, None]
+    ref = dict(features=k_post[:, None, None] * w, feature_bias=head_bias[0], scale=1.0, backend="torch")
+    q_ref, k_ref = q * q_mul / post_q, k * k_mul + k_add
+    _, prefix = performer.favor_attention_step(q_ref[..., :3, :], k_ref[..., :3, :], v[..., :3, :], **ref)
+    want, want_state = performer.favor_attention_step(q_ref[..., 3:, :], k_ref[..., 3:, :], v[..., 3:, :],
+                                                      prefix, **ref)
+    state = [t.clone() for t in prefix]
+    got = performer._C.favor_step_(q[..., 3:, :], k[..., 3:, :], v[..., 3:, :], w, None, None, *state, 1.0,
+                                   "softmax", q_mul, k_mul, k_add, k_post, head_bias)
+    return (got, tuple(state)), (want, tuple(want_state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("B,H,Hk,E,m", [(1, 8, 8, 64, 256), (2, 4, 2, 16, 20), (3, 2, 1, 5, 7), (4, 8, 8, 64, 256)])
+def test_fused_row_transform_of_the_step(B, H, Hk, E, m, dtype):
+    """The kernel's row transform (a frozen map's rescaling, centering and FAVOR++ coefficient with
+    features shared by the heads) equals the plain-PyTorch step on the transformed inputs, one head or
+    several, grouped heads, items split across threads."""
+    (got, state), (want, want_state) = _fused_transform_case(B, H, Hk, E, m, dtype)
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    for a, b in zip(state, want_state):
+        torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_fused_row_transform_bad_arguments():
+    """Each transform tensor is checked (size, dtype) by name, and head_bias excludes feature_bias."""
+    q, k, v, w, _, state, _ = _step_samples()
+    H, Hk, E, m = q.shape[1], k.shape[1], q.shape[-1], w.shape[0]
+    ok = dict(q_mul=torch.ones(H, E), k_mul=torch.ones(Hk, E), k_add=torch.zeros(Hk, E), k_post=torch.ones(Hk),
+              head_bias=torch.zeros(Hk, m))
+    for name, bad, fragment in (("q_mul", torch.ones(Hk, E), "q_mul must be a contiguous CPU tensor of"),
+                                ("k_add", torch.zeros(Hk, E, dtype=torch.float64), "k_add must be"),
+                                ("k_post", torch.ones(Hk + 1), "k_post must be"),
+                                ("head_bias", torch.zeros(m, Hk).t(), "head_bias must be")):
+        with pytest.raises(RuntimeError, match=fragment):
+            performer._C.favor_step_(q, k, v, w, None, None, *(t.clone() for t in state), 1.0, "softmax",
+                                     **{**ok, name: bad})
+    with pytest.raises(RuntimeError, match="head_bias replaces feature_bias"):
+        performer._C.favor_step_(q, k, v, w, torch.zeros(m), None, *(t.clone() for t in state), 1.0, "softmax",
+                                 **ok)
 
 
 @pytest.mark.parametrize("name", ["other_batch", "normalizer", "dtype", "field_not_tensor"])
@@ -290,7 +359,7 @@ def test_compiled_decoding_loop(layout):
 STEP_ISA_SCRIPT = """
 import json, torch, performer
 from conftest import Spec, make_case
-from test_step_cpp import assert_step_close, step_both
+from test_step_cpp import _fused_transform_case, assert_step_close, step_both
 checked = 0
 for spec in (Spec("isa", 2, 4, 2, 21, 21, 16, 9, 20), Spec("isa_wide", 1, 8, 1, 9, 9, 64, 64, 256)):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -299,10 +368,15 @@ for spec in (Spec("isa", 2, 4, 2, 21, 21, 16, 9, 20), Spec("isa_wide", 1, 8, 1, 
                 case = make_case(spec, dtype, masked=spec.B > 1, seed=7)
                 assert_step_close(step_both(case, [0, 1, 2, 5, spec.L], kernel, layout=layout), dtype)
                 checked += 1
+for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
+    for sizes in ((1, 8, 8, 64, 256), (2, 4, 2, 16, 20)):
+        for got, want in zip(*_fused_transform_case(*sizes, dtype)):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        checked += 1
 print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 """
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_copy_of_the_step(isa):
-    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 24}
+    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 28}

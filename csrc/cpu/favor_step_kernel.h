@@ -21,8 +21,8 @@
 // batch entry and key head: calibrated or FAVOR++ maps) project each item's 1 + g rows with dot
 // products along E instead; a feature_bias b_j is added to the projections of every row (P = W X^T +
 // b), as favor_kernel.h's project() does. Phases per position (one OpenMP team):
-//   0. items split over threads: scaled rows into X^T (E x R) (and X, R x E, for per-item features),
-//      the key's |k'|^2 / 2.
+//   0. items split over threads: scaled rows (a frozen map's per-dimension transform applied, StepParams
+//      q_mul, k_mul, k_add, k_post) into X^T (E x R) (and X, R x E, for per-item features), the key's |k'|^2 / 2.
 //   A. features split over threads: P rows (plus the bias) and per-lane partial maxima.
 //   B. the same rows: each thread combines the maxima, then P <- phi (exp, or relu + eps).
 //   C. (item, part of the features) units: the state update and each head's partial numerator,
@@ -241,6 +241,21 @@ static void step_unit(const T* P, int64_t Rpad, int64_t rk, int64_t rq, int64_t 
   }
 }
 
+// row <- (row * mul + add) * post, elementwise over E (a frozen feature map's transform); mul and
+// add may be null.
+template <typename T>
+static inline void affine_row(T* row, const T* mul, const T* add, int64_t E, T post = T(1)) {
+  if (mul)
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) row[e] *= mul[e];
+  if (add)
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) row[e] += add[e];
+  if (post != T(1))
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) row[e] *= post;
+}
+
 template <typename T>
 static void favor_step_typed(const StepParams& p) {
   const int64_t items = p.B * p.Hk, g = p.H / p.Hk, nr = 1 + g, m = p.m, E = p.E, Ev = p.Ev;
@@ -250,9 +265,17 @@ static void favor_step_typed(const StepParams& p) {
   const T c = T(__builtin_sqrt(p.scale));
   const T* W = static_cast<const T*>(p.features);
   const T* bias = static_cast<const T*>(p.bias);
+  const T* q_mul = static_cast<const T*>(p.q_mul);
+  const T* k_mul = static_cast<const T*>(p.k_mul);
+  const T* k_add = static_cast<const T*>(p.k_add);
+  const T* k_post = static_cast<const T*>(p.k_post);
   const bool per_item = p.Bf > 1 || p.Hf > 1;
-  // Item it's feature set in (Bf, Hf): its features are W + set * m * E, its bias bias + set * m.
+  // Item it's feature set in (Bf, Hf): its features are W + set * m * E; its bias is bias + set * m
+  // with its set in (bias_Bf, bias_Hf).
   auto feature_set = [&](int64_t it) { return (p.Bf > 1 ? it / p.Hk : 0) * p.Hf + (p.Hf > 1 ? it % p.Hk : 0); };
+  auto bias_set = [&](int64_t it) {
+    return (p.bias_Bf > 1 ? it / p.Hk : 0) * p.bias_Hf + (p.bias_Hf > 1 ? it % p.Hk : 0);
+  };
   // Threads (favor_step calls this with several only for a single item, or work too small to share
   // out by items): none beyond what the work pays for. Each position costs a team four barriers and
   // the rows of P cross between cores: splitting the features pays from about 2^20 multiply-adds
@@ -299,21 +322,30 @@ static void favor_step_typed(const StepParams& p) {
     for (int64_t t = 0; t < p.T; ++t) {
       const T* kv_prev = t == 0 ? kv_in : kv_all;
       const T* z_prev = t == 0 ? z_in : z_all;
-      // Phase 0: the rows of position t, transposed into X^T.
+      // Phase 0: the rows of position t (a frozen map's transform applied), transposed into X^T.
       for (int64_t it = tid; it < items; it += nt) {
         const int64_t b = it / p.Hk, hk = it % p.Hk, r0 = it * nr;
         if (per_item) {
-          load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, xr + r0 * E, E);
-          for (int64_t h = 0; h < g; ++h)
-            load_rows<T>(p.q, p.dtype, b, hk * g + h, t, 1, E, c, xr + (r0 + 1 + h) * E, E);
-          half[it] = softmax ? T(0.5) * dot(xr + r0 * E, xr + r0 * E, E) : T(0);
+          T* kr = xr + r0 * E;
+          load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, kr, E);
+          affine_row(kr, k_mul ? k_mul + hk * E : nullptr, k_add ? k_add + hk * E : nullptr, E);
+          for (int64_t h = 0; h < g; ++h) {
+            T* qr = xr + (r0 + 1 + h) * E;
+            load_rows<T>(p.q, p.dtype, b, hk * g + h, t, 1, E, c, qr, E);
+            affine_row(qr, q_mul ? q_mul + (hk * g + h) * E : nullptr, static_cast<const T*>(nullptr), E);
+          }
+          half[it] = softmax ? T(0.5) * dot(kr, kr, E) : T(0);
+          if (k_post) affine_row(kr, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), E, k_post[hk]);
           continue;
         }
         load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, row, E);
-        for (int64_t e = 0; e < E; ++e) xt[e * Rpad + r0] = row[e];
+        affine_row(row, k_mul ? k_mul + hk * E : nullptr, k_add ? k_add + hk * E : nullptr, E);
         half[it] = softmax ? T(0.5) * dot(row, row, E) : T(0);
+        const T post = k_post ? k_post[hk] : T(1);
+        for (int64_t e = 0; e < E; ++e) xt[e * Rpad + r0] = post * row[e];
         for (int64_t h = 0; h < g; ++h) {
           load_rows<T>(p.q, p.dtype, b, hk * g + h, t, 1, E, c, row, E);
+          affine_row(row, q_mul ? q_mul + (hk * g + h) * E : nullptr, static_cast<const T*>(nullptr), E);
           for (int64_t e = 0; e < E; ++e) xt[e * Rpad + r0 + 1 + h] = row[e];
         }
       }
@@ -329,7 +361,7 @@ static void favor_step_typed(const StepParams& p) {
       }
       if (bias)
         for (int64_t it = 0; it < items; ++it) {
-          const T* bj = bias + feature_set(it) * m;
+          const T* bj = bias + bias_set(it) * m;
           for (int64_t j = pj0; j < pj1; ++j)
             for (int64_t r = it * nr; r < (it + 1) * nr; ++r) P[j * Rpad + r] += bj[j];
         }
@@ -426,10 +458,17 @@ static StepParams step_slice(const StepParams& p, int64_t b, int64_t hk0, int64_
   s.v.data = at(p.v.data, (b * p.v.stride[0] + hk0 * p.v.stride[1]) * es);
   s.mask = p.mask ? p.mask + b * p.T : nullptr;
   const int64_t set0 = (p.Bf > 1 ? b : 0) * p.Hf + (p.Hf > 1 ? hk0 : 0);  // the slice's first feature set
+  const int64_t bias0 = (p.bias_Bf > 1 ? b : 0) * p.bias_Hf + (p.bias_Hf > 1 ? hk0 : 0);  // and bias set
   s.features = at(p.features, set0 * p.m * p.E * as);
-  s.bias = p.bias ? at(p.bias, set0 * p.m * as) : nullptr;
+  s.bias = p.bias ? at(p.bias, bias0 * p.m * as) : nullptr;
   s.Bf = 1;
   s.Hf = p.Hf > 1 ? s.Hk : 1;
+  s.bias_Bf = 1;
+  s.bias_Hf = p.bias_Hf > 1 ? s.Hk : 1;
+  s.k_post = p.k_post ? at(p.k_post, hk0 * as) : nullptr;
+  s.q_mul = p.q_mul ? at(p.q_mul, hk0 * g * p.E * as) : nullptr;
+  s.k_mul = p.k_mul ? at(p.k_mul, hk0 * p.E * as) : nullptr;
+  s.k_add = p.k_add ? at(p.k_add, hk0 * p.E * as) : nullptr;
   if (p.kv_in) {
     s.kv_in = at(p.kv_in, item * p.m * p.Ev * as);
     s.normalizer_in = at(p.normalizer_in, item * p.m * as);

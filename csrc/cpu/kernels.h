@@ -73,9 +73,18 @@ struct StepParams {
   int64_t B, H, Hk, T, E, Ev, m;
   View q, k, v;
   const void* features;       // (Bf, Hf, m, E) contiguous, acc; Bf 1 or B, Hf 1 or Hk
-  const void* bias;           // (Bf, Hf, m) contiguous, acc; or null
+  const void* bias;           // (bias_Bf, bias_Hf, m) contiguous, acc; or null
   int64_t Bf, Hf;
+  int64_t bias_Bf, bias_Hf;   // each 1 or B / Hk (the features' sets, or per key head with shared features)
   const bool* mask;           // (B, T) contiguous, true = ignore that key; or null
+  // A frozen feature map's per-dimension transform of the rows, applied as they are loaded:
+  // q' = c q * q_mul, k' = c k * k_mul + k_add (c = sqrt(scale)); once |k'|^2 / 2 is taken the key row
+  // is multiplied by k_post (FAVOR++'s B, so that features W shared by the heads give B W k').
+  // q_mul (H, E), k_mul and k_add (Hk, E), k_post (Hk), contiguous, acc; each may be null.
+  const void* q_mul;
+  const void* k_mul;
+  const void* k_add;
+  const void* k_post;
   const void* kv_in;
   const void* normalizer_in;
   const void* key_max_in;

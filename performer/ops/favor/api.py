@@ -85,7 +85,7 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     args = validate_favor(query, key, value, attn_mask, dropout_p, is_causal, scale, features,
                           key_padding_mask, kernel, feature_bias)
     if feature_map is not None:
-        args = _apply(feature_map, args)
+        args = _apply(feature_map, args, features)
     impl = _dispatch.select(OP, args, backend)
     out = impl.run(args)
     if args.query_pad:
@@ -93,9 +93,9 @@ def favor_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out.reshape(args.out_shape)
 
 
-def _apply(feature_map: FeatureMap, args):
+def _apply(feature_map: FeatureMap, args, features: torch.Tensor):
     """The validated arguments with the feature map's query, key, features and bias (scale 1)."""
-    p = prepare(feature_map, args.q, args.k, args.features, args.feature_bias, args.scale, args.causal, args.kernel,
+    p = prepare(feature_map, args.q, args.k, features, args.feature_bias, args.scale, args.causal, args.kernel,
                 args.key_padding_mask)
     if p is None:
         return args

@@ -68,13 +68,15 @@ def _direct_scale(q: torch.Tensor, scale) -> Optional[float]:
     return scale if type(scale) is float else None
 
 
-def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -> Optional[torch.Tensor]:
+def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask,
+                          transform=()) -> Optional[torch.Tensor]:
     """A decoder's per-token call (favor_attention_step(..., state, inplace=True) on plain 4-D CPU
     tensors needing no gradient, eager mode) straight to performer._C.favor_step_, in about a
     microsecond of Python: the extension checks every argument as the op does, before it writes
     anything. None where the full path must run: other inputs, or whatever the extension refused
     (the full checks then name what is wrong, or run the case it does not take, such as a
-    non-contiguous state)."""
+    non-contiguous state). ``transform``: a frozen map's (q_mul, k_mul, k_add, k_post, head_bias)
+    (FeatureMap.derived(...).step), applied by the kernel as it loads the rows, or empty."""
     if torch.compiler.is_compiling() or _C is None or type(state) not in (FavorState, tuple) or len(state) != 3:
         return None
     kv, z, key_max = state
@@ -92,15 +94,17 @@ def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask) -
     if scale is None:
         return None
     try:
-        return _C.favor_step_(q, k, v, features, bias, mask, kv, z, key_max, scale, kernel)
+        return _C.favor_step_(q, k, v, features, bias, mask, kv, z, key_max, scale, kernel, *transform)
     except Exception:  # noqa: BLE001: refused before any write; the full path below reports it
         return None
 
 
 def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask, feature_map):
     """The direct in-place step with a frozen feature map whose derived features, bias and
-    multipliers an earlier step built for these features, statistics and scale (FeatureMap.reused):
-    a decoder's every token after its first. None where the full path must run."""
+    multipliers an earlier step built for these features, statistics and scale (FeatureMap.derived):
+    a decoder's every token after its first. For float32 and float64 inputs the kernel transforms
+    the rows as it loads them; other dtypes get the map's two elementwise passes first. None where
+    the full path must run."""
     if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
             or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4
             or not q.is_cpu):
@@ -108,10 +112,15 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     scale = _direct_scale(q, scale)
     if scale is None:
         return None
-    p = feature_map.reused(q, k, features, scale)
-    if p is None:
+    d = feature_map.derived(q, k, features, scale)
+    if d is None:
         return None
-    return _step_in_place_direct(p.query, p.key, v, state, p.features, p.feature_bias, 1.0, kernel, mask)
+    t = d.step
+    if t is not None:
+        return _step_in_place_direct(q, k, v, state, t.features, t.feature_bias, 1.0, kernel, mask,
+                                     (t.q_mul, t.k_mul, t.k_add, t.k_post, t.head_bias))
+    return _step_in_place_direct(q * d.query_mul, torch.addcmul(d.key_add, k, d.key_mul), v, state, d.features,
+                                 d.feature_bias, 1.0, kernel, mask)
 
 
 def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
@@ -201,15 +210,15 @@ def favor_attention_step(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     args = validate_favor_step(query, key, value, state, features, scale, kernel, key_padding_mask, inplace,
                                feature_bias)
     if feature_map is not None:
-        args = _apply(feature_map, args)
+        args = _apply(feature_map, args, features)
     impl = _dispatch.select(OP, args, backend)
     out, final = impl.run(args)
     return (out if args.out_shape is None else out.reshape(args.out_shape)), final
 
 
-def _apply(feature_map: FeatureMap, args):
+def _apply(feature_map: FeatureMap, args, features: torch.Tensor):
     """The validated step arguments with the (frozen) feature map's query, key, features and bias."""
-    p = prepare(feature_map, args.q, args.k, args.features, args.feature_bias, args.scale, True, args.kernel,
+    p = prepare(feature_map, args.q, args.k, features, args.feature_bias, args.scale, True, args.kernel,
                 args.key_padding_mask)
     if p is None:
         return args
