@@ -320,11 +320,12 @@ class FavorStepArgs(NamedTuple):
         return self.q.dtype
 
     def needs_grad(self) -> bool:
-        """A gradient is recorded for q, k, v or the state (features are constants)."""
+        """A gradient is recorded for q, k, v, the state, the features or their bias."""
         if not torch.is_grad_enabled():
             return False
         state = self.state or ()
-        return any(t.requires_grad for t in (self.q, self.k, self.v, *state))
+        bias = () if self.feature_bias is None else (self.feature_bias,)
+        return any(t.requires_grad for t in (self.q, self.k, self.v, self.features, *bias, *state))
 
     def memo_key(self) -> tuple:
         """What favor_attention_step's backends decide on (performer._dispatch.select)."""
@@ -332,13 +333,16 @@ class FavorStepArgs(NamedTuple):
 
 
 _TENSOR = torch.Tensor
+# Features and a feature bias may also be nn.Parameters (a calibrated module's): a plain subclass
+# with no __torch_function__, which the extension takes as it is.
+PLAIN_FEATURE_TYPES = (torch.Tensor, torch.nn.Parameter)
 _STEP_DTYPES = frozenset(FLOAT_DTYPES)
 
 
 def _fast_step_args(q, k, v, state, f, scale, kernel, mask, inplace) -> Optional[FavorStepArgs]:
     """The common case, (B, H, T, E) inputs that pass every check, in a few microseconds; None for
     anything else (validate_favor_step then runs the full checks, which name what is wrong)."""
-    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(f) is _TENSOR
+    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(f) in PLAIN_FEATURE_TYPES
             and type(inplace) is bool):
         return None
     dtype = q.dtype

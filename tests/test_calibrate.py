@@ -129,3 +129,34 @@ def test_calibrating_twice_goes_on_training():
     assert second["loss_last"] < first["loss_first"]
     attn = next(m for m in model.modules() if isinstance(m, performer.PerformerAttention))
     assert attn.features.requires_grad and attn.features.shape == (4, 8, 8)
+
+
+def test_calibrated_module_decodes_through_the_fused_step(monkeypatch):
+    """A calibrated module (per-head features, a frozen map) decodes each token after the first
+    through the extension directly, the map's derived features reused: the full checks run once, and
+    the tokens give what the causal forward gives."""
+    from performer.ops.favor import step as step_module
+    attn = performer.PerformerAttention(32, 4, batch_first=True, num_features=16,
+                                        generator=torch.Generator().manual_seed(3))
+
+    class Causal(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            return self.inner(x, x, x, attn_mask=mask, is_causal=True)[0]
+
+    performer.calibrate(Causal(attn), _batches(n=2, size=2, length=12), steps=2)
+    assert isinstance(attn.features, nn.Parameter) and attn.features.dim() == 3 and attn.feature_map.frozen
+    x = _batches(n=1, size=2, length=6, seed=5)[0]
+    calls = []
+    full_checks = step_module.validate_favor_step
+    monkeypatch.setattr(step_module, "validate_favor_step", lambda *a, **kw: calls.append(1) or full_checks(*a, **kw))
+    with torch.no_grad():
+        expected = Causal(attn)(x)
+        cache = performer.nn.DecodingCache()
+        steps = [attn(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=cache)[0] for t in range(6)]
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=2e-5, rtol=2e-5)

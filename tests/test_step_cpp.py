@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import performer
 from conftest import ISAS, KERNELS, SPECS, dtype_id, feature_sets, make_case, run_on_isa
@@ -316,6 +317,30 @@ def test_gradient_falls_back_to_torch():
     x = [t.detach()[..., :3, :].clone().requires_grad_() for t in (case.q, case.k, case.v)]
     assert torch.autograd.gradcheck(
         lambda q, k, v: performer.favor_attention_step(q, k, v, features=case.features)[0], x)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
+def test_feature_gradient_takes_the_differentiable_step(inplace, layout):
+    """Features (an nn.Parameter, as a calibrated module's) or a bias that need a gradient make the
+    step run the plain-PyTorch recurrent form, in place or not: the fused step has no gradient, and
+    the direct in-place path must not drop it."""
+    case = make_case(SPECS[0], torch.float64, seed=4)
+    w, bias = feature_sets(case.features, layout, case.spec.B, case.spec.Hk)
+    with torch.no_grad():
+        _, state = performer.favor_attention_step(case.q[..., :3, :], case.k[..., :3, :], case.v[..., :3, :],
+                                                  features=w, feature_bias=bias)
+    piece = [x[..., 3:4, :] for x in (case.q, case.k, case.v)]
+
+    def step(w, bias=bias):
+        s = performer.FavorState(*(t.clone() for t in state))
+        return performer.favor_attention_step(*piece, s, features=w, feature_bias=bias, inplace=inplace)[0]
+
+    param = nn.Parameter(w.clone())
+    assert step(param).grad_fn is not None
+    assert torch.autograd.gradcheck(step, (param,))
+    if bias is not None:
+        assert torch.autograd.gradcheck(lambda b: step(w, b), (bias.clone().requires_grad_(),))
 
 
 def _step_samples(dtype=torch.float32):

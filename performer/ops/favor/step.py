@@ -9,7 +9,7 @@ import torch
 
 from ... import _C_loader, _dispatch
 from ..._C_loader import unavailable_reason
-from ..._validate import FLOAT_DTYPES, validate_favor_step
+from ..._validate import FLOAT_DTYPES, PLAIN_FEATURE_TYPES, validate_favor_step
 from ...feature_maps import FeatureMap, prepare
 from .cpp import step_cuda_reason
 from .reference import favor_torch
@@ -43,7 +43,8 @@ class FavorState(NamedTuple):
 
 def _cpp_check(args) -> Optional[str]:
     if args.needs_grad():
-        return "has no gradient (a gradient is recorded for query, key, value or the state); the torch backend has"
+        return ("has no gradient (a gradient is recorded for query, key, value, the state or the features); the "
+                "torch backend has")
     return step_cuda_reason() if args.device.type == "cuda" else None
 
 
@@ -57,6 +58,7 @@ def _direct(a) -> bool:
 
 
 _TENSOR = torch.Tensor
+_FEATURES = PLAIN_FEATURE_TYPES
 
 
 def _direct_scale(q: torch.Tensor, scale) -> Optional[float]:
@@ -80,13 +82,14 @@ def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask,
     if torch.compiler.is_compiling() or _C is None or type(state) not in (FavorState, tuple) or len(state) != 3:
         return None
     kv, z, key_max = state
-    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) is _TENSOR
+    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) in _FEATURES
             and type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
-            and (mask is None or type(mask) is _TENSOR) and (bias is None or type(bias) is _TENSOR)
+            and (mask is None or type(mask) is _TENSOR) and (bias is None or type(bias) in _FEATURES)
             and q.is_cpu and q.dim() == 4 and features.dim() in (2, 4)):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv.requires_grad
-                                    or z.requires_grad or key_max.requires_grad):
+                                    or z.requires_grad or key_max.requires_grad or features.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return None
     if torch._C._len_torch_dispatch_stack():
         return None
@@ -106,7 +109,7 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     the rows as it loads them; other dtypes get the map's two elementwise passes first. None where
     the full path must run."""
     if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
-            or type(k) is not _TENSOR or type(features) is not _TENSOR or q.dim() != 4 or k.dim() != 4
+            or type(k) is not _TENSOR or type(features) not in _FEATURES or q.dim() != 4 or k.dim() != 4
             or not q.is_cpu):
         return None
     scale = _direct_scale(q, scale)
@@ -222,7 +225,7 @@ def _apply(feature_map: FeatureMap, args, features: torch.Tensor):
                 args.key_padding_mask)
     if p is None:
         return args
-    plain = args.plain and all(type(t) is _TENSOR for t in (p.query, p.key, p.features, p.feature_bias)
-                               if t is not None)
+    plain = (args.plain and type(p.query) is _TENSOR and type(p.key) is _TENSOR
+             and all(type(t) in _FEATURES for t in (p.features, p.feature_bias) if t is not None))
     return args._replace(q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0,
                          plain=plain)
