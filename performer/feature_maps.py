@@ -70,6 +70,11 @@ class Derived:
     feature_bias: Optional[torch.Tensor]
     step: Optional[StepTransform] = None
 
+    def prepared(self, query: torch.Tensor, key: torch.Tensor) -> Prepared:
+        """query and key through the map (two elementwise passes), with the features and bias."""
+        return Prepared(query * self.query_mul, torch.addcmul(self.key_add, key, self.key_mul), self.features,
+                        self.feature_bias)
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -215,7 +220,7 @@ class FeatureMap(nn.Module):
         key_of_call = self._reuse_key(query, key, features, scale)
         derived = self._from_memo(key_of_call)
         if derived is not None:
-            return _prepared(derived, query, key)
+            return derived.prepared(query, key)
         if self.frozen:
             mean, log_psi, a = (t.to(acc) for t in (self.key_mean, self.log_psi, self.coef_a))
             if mean.shape != (Hk, E):
@@ -251,7 +256,7 @@ class FeatureMap(nn.Module):
             bias = a[..., None] * (w0 * w0).sum(-1)                                  # (Bs, Hk, m)
             b_coef = torch.sqrt(1 - 4 * a)                                           # (Bs, Hk)
             w = b_coef[..., None, None] * w0                                         # (Bs, Hk, m, E): B W
-            if memo and w0.dim() == 2 and b_coef.shape[0] == 1:
+            if memo and w0.dim() == 2:   # (memoized: frozen, so Bs = 1)
                 g = query.shape[1] // Hk
                 step = StepTransform(w0.contiguous(), qmul * b_coef.repeat_interleave(g, dim=1)[:, :, None, None],
                                      kmul, kadd, b_coef[0].contiguous(), bias, None)
@@ -260,7 +265,7 @@ class FeatureMap(nn.Module):
         derived = Derived(qmul, kmul, kadd, w, bias, step)
         if key_of_call is not None:
             self.__dict__["_derived"] = (key_of_call, derived)
-        return _prepared(derived, query, key)
+        return derived.prepared(query, key)
 
     def derived(self, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,
                 scale: float) -> Optional[Derived]:
@@ -315,10 +320,6 @@ def _same_key(a: tuple, b: tuple) -> bool:
     ta, tb = a[0], b[0]
     return (ta[0] is tb[0] and ta[1] is tb[1] and ta[2] is tb[2] and ta[3] is tb[3] and a[1] == b[1]
             and a[2] == b[2])
-
-
-def _prepared(d: Derived, query: torch.Tensor, key: torch.Tensor) -> Prepared:
-    return Prepared(query * d.query_mul, torch.addcmul(d.key_add, key, d.key_mul), d.features, d.feature_bias)
 
 
 def prepare(feature_map, query: torch.Tensor, key: torch.Tensor, features: torch.Tensor,

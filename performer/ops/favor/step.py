@@ -58,7 +58,6 @@ def _direct(a) -> bool:
 
 
 _TENSOR = torch.Tensor
-_FEATURES = PLAIN_FEATURE_TYPES
 
 
 def _direct_scale(q: torch.Tensor, scale) -> Optional[float]:
@@ -82,9 +81,9 @@ def _step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mask,
     if torch.compiler.is_compiling() or _C is None or type(state) not in (FavorState, tuple) or len(state) != 3:
         return None
     kv, z, key_max = state
-    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) in _FEATURES
+    if not (type(q) is _TENSOR and type(k) is _TENSOR and type(v) is _TENSOR and type(features) in PLAIN_FEATURE_TYPES
             and type(kv) is _TENSOR and type(z) is _TENSOR and type(key_max) is _TENSOR
-            and (mask is None or type(mask) is _TENSOR) and (bias is None or type(bias) in _FEATURES)
+            and (mask is None or type(mask) is _TENSOR) and (bias is None or type(bias) in PLAIN_FEATURE_TYPES)
             and q.is_cpu and q.dim() == 4 and features.dim() in (2, 4)):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv.requires_grad
@@ -109,7 +108,7 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     the rows as it loads them; other dtypes get the map's two elementwise passes first. None where
     the full path must run."""
     if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
-            or type(k) is not _TENSOR or type(features) not in _FEATURES or q.dim() != 4 or k.dim() != 4
+            or type(k) is not _TENSOR or type(features) not in PLAIN_FEATURE_TYPES or q.dim() != 4 or k.dim() != 4
             or not q.is_cpu):
         return None
     scale = _direct_scale(q, scale)
@@ -122,8 +121,8 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     if t is not None:
         return _step_in_place_direct(q, k, v, state, t.features, t.feature_bias, 1.0, kernel, mask,
                                      (t.q_mul, t.k_mul, t.k_add, t.k_post, t.head_bias))
-    return _step_in_place_direct(q * d.query_mul, torch.addcmul(d.key_add, k, d.key_mul), v, state, d.features,
-                                 d.feature_bias, 1.0, kernel, mask)
+    p = d.prepared(q, k)
+    return _step_in_place_direct(p.query, p.key, v, state, p.features, p.feature_bias, 1.0, kernel, mask)
 
 
 def _step_cpp(a) -> tuple[torch.Tensor, FavorState]:
@@ -226,6 +225,6 @@ def _apply(feature_map: FeatureMap, args, features: torch.Tensor):
     if p is None:
         return args
     plain = (args.plain and type(p.query) is _TENSOR and type(p.key) is _TENSOR
-             and all(type(t) in _FEATURES for t in (p.features, p.feature_bias) if t is not None))
+             and all(type(t) in PLAIN_FEATURE_TYPES for t in (p.features, p.feature_bias) if t is not None))
     return args._replace(q=p.query, k=p.key, features=p.features, feature_bias=p.feature_bias, scale=1.0,
                          plain=plain)
