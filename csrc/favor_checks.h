@@ -34,6 +34,14 @@ inline at::ScalarType favor_acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The CUDA kernels implement 'softmax' and 'relu' ('softmax_normalized' runs on the CPU kernels and the
+// torch backend, which is the default on GPUs).
+inline void check_cuda_kernel(std::string_view kernel) {
+  PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel",
+                        "be 'softmax' or 'relu' on CUDA tensors (use backend='torch' for 'softmax_normalized')", "; got ",
+                        "'", kernel, "'");
+}
+
 // q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), features (m, E) or per batch and key head
 // (Bf, Hf, m, E) with Bf in {1, B} and Hf in {1, Hk}, feature_bias of the features' shape without E,
 // key_padding_mask (B, S) bool.
@@ -70,8 +78,8 @@ inline FavorInputs check_favor_inputs(const at::Tensor& q, const at::Tensor& k, 
                        features.scalar_type());
   PERFORMER_CHECK_VALUE(features.device() == q.device(), "features", "be on q's device", "; got ", features.device());
   PERFORMER_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale", "be positive and finite", "; got ", scale);
-  PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel", "be 'softmax' or 'relu'", "; got ", "'",
-                        kernel, "'");
+  PERFORMER_CHECK_VALUE(kernel == "softmax" || kernel == "relu" || kernel == "softmax_normalized", "kernel",
+                        "be 'softmax', 'relu' or 'softmax_normalized'", "; got ", "'", kernel, "'");
   FavorInputs in{n, features.to(favor_acc_dtype(q)).contiguous().view({Bf, Hf, n.m, n.E}), at::Tensor(), at::Tensor(),
                  Bf, Hf};
   if (feature_bias.has_value()) {

@@ -70,6 +70,8 @@ def main() -> None:
                         "(0: none)")
     parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps after the calibration")
     parser.add_argument("--num-features", type=int, default=64, help="random features per head")
+    parser.add_argument("--kernel", default="softmax", choices=("softmax", "softmax_normalized"),
+                        help="favor_attention's kernel (softmax_normalized: each key's features divided by their sum)")
     parser.add_argument("--quick", action="store_true", help="300 + 100 + 100 steps (for the tests)")
     args = parser.parse_args()
     if args.quick:
@@ -85,8 +87,10 @@ def main() -> None:
 
     train(model, args.steps, 3e-3, data)
     print(f"loss before conversion:      {evaluate(model, held_out):.4f}  (exact attention, {args.steps} steps)")
-    performer.convert(model, num_features=args.num_features, generator=torch.Generator().manual_seed(3))
-    print(f"loss right after conversion: {evaluate(model, held_out):.4f}  (FAVOR+, {args.num_features} features)")
+    performer.convert(model, num_features=args.num_features, kernel=args.kernel,
+                      generator=torch.Generator().manual_seed(3))
+    print(f"loss right after conversion: {evaluate(model, held_out):.4f}  (FAVOR+, {args.num_features} features, "
+          f"kernel {args.kernel})")
     if args.calibrate_steps:
         # Calibration data: inputs only (no labels), the model's own training distribution.
         calibration = [batch(64, data)[0] for _ in range(20)]

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-KERNELS = ("softmax", "relu")
+KERNELS = ("softmax", "relu", "softmax_normalized")
+SOFTMAX_KERNELS = ("softmax", "softmax_normalized")  # positive features: FeatureMap, calibration
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

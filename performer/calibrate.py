@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_positive_int, validate_favor
+from ._validate import SOFTMAX_KERNELS, check_positive_int, validate_favor
 from .feature_maps import FeatureMap
 from .nn.features import RandomFeatures
 
@@ -77,8 +77,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 500, lr: floa
     if not sites:
         raise ValueError(f"calibrate found no FAVOR module in {type(model).__name__}: convert it first "
                          "(performer.convert, or PerformerAttention / FastAttention in place of attention)")
-    if any(s.kernel != "softmax" for s in sites):
-        raise ValueError("calibrate fits softmax attention: every FAVOR module must have kernel='softmax'")
+    if any(s.kernel not in SOFTMAX_KERNELS for s in sites):
+        raise ValueError("calibrate fits softmax attention: every FAVOR module must have kernel 'softmax' or "
+                         "'softmax_normalized'")
     modules = [s.module for s in sites]
     stream = itertools.cycle(batches)
     frozen = {p: p.requires_grad for p in model.parameters()}

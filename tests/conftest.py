@@ -25,7 +25,8 @@ from performer.ops.favor.reference import favor_dense
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS = ("cpp", "torch")
-KERNELS = ("softmax", "relu")
+KERNELS = ("softmax", "relu", "softmax_normalized")
+GPU_KERNELS = ("softmax", "relu")  # what the CUDA and Triton kernels implement
 
 # One intra-op thread: the kernels' OpenMP teams spin-wait, and on a small shared machine a
 # busy core makes every tiny call wait a scheduler slice (10x-100x slower suites). Results do

@@ -57,14 +57,14 @@ def test_json_has_machine_settings_and_every_median_and_spread(quick_run):
         assert m["median_ms"] > 0 and m["spread_ms"] >= 0 and m["repeats"] >= 3 and isinstance(m["noisy"], bool)
     attention = [r for r in data["records"] if r["suite"] == "attention" and r["impl"] != "peak"]
     assert {(r["impl"], r["case"]["L"], r["case"]["mode"], r["case"]["causal"]) for r in attention} == {
-        (impl, L, mode, causal) for impl in ("cpp", "cpp++", "sdpa", "torch") for L in (32, 64)
+        (impl, L, mode, causal) for impl in ("cpp", "cpp++", "cpp-nk", "sdpa", "torch") for L in (32, 64)
         for mode in ("forward", "forward+backward") for causal in (False, True)}
     if sys.platform == "linux":
         assert all(r["metrics"]["peak_mb"] >= 0 for r in attention)
     assert {r["suite"] for r in data["records"] if r["impl"] == "peak" and r["metrics"]["gflops"] > 0} == {
         "attention", "matmul", "compress"}
     # The package's kernels get a FLOP rate from the FAVOR+ operation count; the baselines do not.
-    assert all(("gflops" in r["metrics"]) == (r["impl"] in ("cpp", "cpp++")) for r in attention)
+    assert all(("gflops" in r["metrics"]) == (r["impl"] in ("cpp", "cpp++", "cpp-nk")) for r in attention)
     assert set(data["suites"]["attention"]["crossover"]) == {
         f"{c} {mode}, float32" for c in ("bidirectional", "causal") for mode in ("forward", "forward+backward")}
 
@@ -73,11 +73,12 @@ def test_tables_give_ratios_to_each_baseline(quick_run):
     proc, out, files, _ = quick_run
     text = proc.stdout
     assert "| 32 | no | forward |" in text and "| performer vs SDPA | performer vs plain PyTorch |" in text
-    assert "| performer GFLOP/s | FAVOR++ GFLOP/s | performer % of peak | FAVOR++ % of peak |" in text
+    assert ("| performer GFLOP/s | FAVOR++ GFLOP/s | normalized GFLOP/s | performer % of peak | FAVOR++ % of peak | "
+            "normalized % of peak |") in text
     assert "Measured FMA peak" in text
     assert "| square 32 | 32x32 @ 32x32 | float32 |" in text and "performer vs torch.matmul" in text
     assert "performer % of peak" in text and "| uniform average | best | best / FAVOR+ |" in text
-    assert "| FAVOR++ vs performer | FAVOR++ vs SDPA |" in text
+    assert "| FAVOR++ vs performer | FAVOR++ vs SDPA | normalized vs performer | normalized vs SDPA |" in text
     (md,) = [f for f in files if f.endswith(".md")]
     assert open(out / md).read().strip() in text
 

@@ -55,7 +55,7 @@ def test_causal_module_and_its_decoding_need_a_frozen_map():
         attn(x, x, x, is_causal=True, attn_mask=nn.Transformer.generate_square_subsequent_mask(5))
     with pytest.raises(ValueError, match="needs frozen statistics in causal attention"):
         attn(x, x, x, cache=performer.nn.DecodingCache())
-    with pytest.raises(ValueError, match="feature_map applies to the softmax kernel only"):
+    with pytest.raises(ValueError, match="feature_map applies to the softmax kernels only"):
         performer.FastAttention(16, 8, kernel="relu", feature_map=FeatureMap())
     with pytest.raises(TypeError, match="feature_map must be a performer.FeatureMap or None; got str"):
         performer.FastAttention(16, 8, feature_map="favor++")
@@ -67,10 +67,11 @@ def test_convert_gives_each_module_its_own_map():
     assert len(maps) == 2 and maps[0] is not maps[1]
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_normalized"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_calibrate_lowers_the_error_and_leaves_the_weights(causal):
+def test_calibrate_lowers_the_error_and_leaves_the_weights(causal, kernel):
     exact_model = _encoder()
-    model = performer.convert(copy.deepcopy(exact_model), num_features=16,
+    model = performer.convert(copy.deepcopy(exact_model), num_features=16, kernel=kernel,
                               generator=torch.Generator().manual_seed(2))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -95,7 +96,8 @@ def test_calibrate_lowers_the_error_and_leaves_the_weights(causal):
     result = performer.calibrate(Wrapped(model), batches, steps=40, lr=2e-2)
     after = error()
     assert result["modules"] == 2 and result["loss_last"] < 0.5 * result["loss_first"], result
-    assert after < 0.6 * before, (before, after)
+    # Normalized keys start closer (bidirectional: 0.054 against 0.081) and end closer (0.038 against 0.043).
+    assert after < (0.6 if kernel == "softmax" else 0.8) * before, (before, after)
     for n, p in model.named_parameters():
         if n.endswith("features") or ".feature_map." in n:
             continue
@@ -104,7 +106,7 @@ def test_calibrate_lowers_the_error_and_leaves_the_weights(causal):
     attn = next(m for m in model.modules() if isinstance(m, performer.PerformerAttention))
     assert isinstance(attn.features, nn.Parameter) and attn.feature_map.frozen
     # the calibrated state loads into a model converted the same way
-    fresh = performer.convert(copy.deepcopy(exact_model), num_features=16, feature_map=FeatureMap())
+    fresh = performer.convert(copy.deepcopy(exact_model), num_features=16, kernel=kernel, feature_map=FeatureMap())
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(run(fresh, batches[1]), run(model, batches[1]))

@@ -16,7 +16,8 @@ def _args(device="cpu", dtype=torch.float32, **kwargs):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 4, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     w = torch.randn(6, 4, generator=g).to(device=device, dtype=dtype)
-    return validate_favor(q, k, v, None, 0.0, kwargs.get("causal", False), None, w, None, "softmax")
+    return validate_favor(q, k, v, None, 0.0, kwargs.get("causal", False), None, w, None,
+                          kwargs.get("kernel", "softmax"))
 
 
 def test_registered_backends_in_order():
@@ -63,6 +64,18 @@ def test_torch_backend_is_the_default_on_gpus():
     assert _dispatch.select(OP, GpuArgs()).name == "torch"
     torch_backend = next(b for b in _dispatch.backends(OP) if b.name == "torch")
     assert not torch_backend.is_default_for("cpu")
+
+
+def test_gpu_kernels_decline_the_normalized_kernel():
+    """The CUDA and Triton kernels implement softmax and relu: with kernel="softmax_normalized" the
+    Triton backend and the compiled ops on CUDA tensors decline and name why (the CUDA op itself
+    refuses it too, see the SIMT test); the torch backend, the default on GPUs, runs it."""
+    from performer.ops.favor import opdef, triton
+    reason = "kernel 'softmax_normalized' has no GPU kernel (the torch backend runs it)"
+    assert triton.decline_reason(_args(kernel="softmax_normalized")) == reason
+    assert triton.decline_reason(_args()) is None
+    assert opdef.gpu_kernel_reason("softmax_normalized") == reason
+    assert opdef.gpu_kernel_reason("softmax") is None and opdef.gpu_kernel_reason("relu") is None
 
 
 def test_favor_attention_on_meta_reports_backends():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import performer
-from conftest import (DTYPES, EMPTY_CASES, ERROR_MULTIPLE, EXTREMES, KERNELS, SPECS, Spec, assert_close,
+from conftest import (DTYPES, EMPTY_CASES, ERROR_MULTIPLE, EXTREMES, GPU_KERNELS, SPECS, Spec, assert_close,
                       assert_future_invisible, canonical, case_params, dtype_id, feature_sets, make_case,
                       perturb_future)
 
@@ -66,7 +66,7 @@ def _favor(case, causal, kernel, q, k, v):
 # ---- values -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,masked,causal", case_params())
 def test_forward_matches_dense_reference(spec, masked, causal, kernel, dtype):
     case = make_case(spec, dtype, masked=masked)
@@ -84,7 +84,7 @@ def _assert_stat(got, expected, name, tol):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,masked,causal", case_params())
 def test_saved_statistics_match_cpu(spec, masked, causal, kernel, dtype):
     """state, den, query_shift and key_shift mean what the CPU kernels' do (the backward depends on
@@ -115,7 +115,7 @@ def test_saved_statistics_match_cpu(spec, masked, causal, kernel, dtype):
 GQA_CASES = [p for p in case_params() if p.values[0].layout == "4d" and p.values[0].Hk < p.values[0].H]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,masked,causal", GQA_CASES)
 def test_grouped_query_equals_repeated_key_heads(spec, masked, causal, kernel):
     case = make_case(spec, torch.float64, masked=masked)
@@ -134,7 +134,7 @@ TILE_SPECS = (
 )
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,causal", [
     pytest.param(spec, causal, id=f"{spec.id}-{'causal' if causal else 'bidir'}")
     for spec in TILE_SPECS for causal in (False, True) if spec.causal_ok or not causal])
@@ -181,7 +181,7 @@ def test_empty_sizes(sizes, causal):
 # ---- gradients ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,masked,causal", case_params())
 def test_grads_match_dense_reference(spec, masked, causal, kernel, dtype):
     case = make_case(spec, dtype, masked=masked, requires_grad=True)
@@ -200,7 +200,7 @@ TINY = Spec("tiny", 2, 2, 1, 5, 5, 3, 2, 4)
 CHUNKS = Spec("chunks", 1, 2, 1, 70, 70, 3, 2, 5)  # crosses the 64- (float64: 32-) row chunks
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("spec", [TINY, CHUNKS], ids=lambda s: s.id)
@@ -224,7 +224,7 @@ def _attend(q, k, v, w, *, causal=False, mask=None, scale=None, kernel="softmax"
 
 @pytest.mark.parametrize("kind", ["noise", "scaled", "dominant"])
 @pytest.mark.parametrize("t", [0, 63, 64, 100])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_causal_output_ignores_the_future(kernel, t, kind):
     """Outputs and gradients at positions <= t do not see q, k, v at positions > t (earlier keys of
     norm ~24 underflow with a key shift shared with "dominant" later keys)."""
@@ -242,7 +242,7 @@ def test_causal_output_ignores_the_future(kernel, t, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("extreme", list(EXTREMES))
 def test_extreme_logits_stay_finite(extreme, kernel, causal, dtype):
     B, H, L, E, norm = EXTREMES[extreme]
@@ -264,7 +264,7 @@ def test_extreme_logits_stay_finite(extreme, kernel, causal, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_fully_masked_rows_are_zero_with_finite_grads(kernel, causal, dtype):
     g = torch.Generator().manual_seed(9)
     B, H, L, E = 3, 2, 70, 8
@@ -289,7 +289,7 @@ def test_fully_masked_rows_are_zero_with_finite_grads(kernel, causal, dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_nan_key_propagates(kernel, causal):
     """A NaN in a key is not mistaken for padding: every output that can see it is NaN."""
     g = torch.Generator().manual_seed(12)
@@ -303,7 +303,7 @@ def test_nan_key_propagates(kernel, causal):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_strided_inputs_give_the_contiguous_results(kernel, causal, dtype):
     """Inputs are read by their strides: a transposed q, a k with every other element, a v stored
     (B, Hk, Ev, S), a transposed grad_out give exactly the results of contiguous copies."""
@@ -377,7 +377,7 @@ def _step_case(shape, dtype, masked, seed=0, layout="shared"):
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_batch_head"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)

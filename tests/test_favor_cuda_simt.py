@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -185,6 +186,17 @@ SHAPE_MODES = [pytest.param(name, causal, id=f"{name}-{'causal' if causal else '
 @pytest.mark.parametrize("shape,causal", SHAPE_MODES)
 def test_matches_cpu_op(simt, shape, causal, dtype, masked, kernel):
     _compare(simt, SHAPES[shape], dtype, masked, causal, kernel)
+
+
+def test_cuda_ops_refuse_the_normalized_kernel(simt):
+    """softmax_normalized has no CUDA kernel: the ops refuse it by name instead of running another
+    kernel."""
+    q, k, v, features, _ = _inputs(SHAPES["gqa_odd"], torch.float32, False, False)
+    message = "kernel must be 'softmax' or 'relu' on CUDA tensors"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simt.forward(q, k, v, features, None, None, 0.25, False, "softmax_normalized")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simt.step(q, k, v, features, None, None, None, None, None, 0.25, "softmax_normalized")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -110,7 +110,7 @@ spec = Spec("isa", 2, 4, 2, 70, 70, 16, 9, 20)
 checked = 0
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     for causal in (False, True):
-        for kernel in ("softmax", "relu"):
+        for kernel in ("softmax", "relu", "softmax_normalized"):
             case = make_case(spec, dtype, masked=True, requires_grad=True, seed=5)
             go = torch.randn(case.out_shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
             out = case.run(causal, "cpp", kernel)
@@ -144,4 +144,4 @@ print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 def test_every_isa_copy_matches_reference(isa):
     result = run_on_isa(isa, ISA_SCRIPT, OMP_NUM_THREADS="1")
     assert result["isa"] == isa
-    assert result["checked"] == 3 * 2 * 2 * 4 + 4 * 3 * 4
+    assert result["checked"] == 3 * 2 * 3 * 4 + 4 * 3 * 4

@@ -17,7 +17,7 @@ import performer
 from performer import _dispatch
 from performer.ops.favor import triton as ft
 from performer.ops.favor.api import OP
-from conftest import (ERROR_MULTIPLE, KERNELS, SPECS, TRITON_CHILD_ENV, Spec, assert_close, case_params, dtype_id,
+from conftest import (ERROR_MULTIPLE, GPU_KERNELS, SPECS, TRITON_CHILD_ENV, Spec, assert_close, case_params, dtype_id,
                       make_case, run_in_triton_interpreter)
 
 RUN_IN_CHILD = (ft.unavailable_reason() is not None and not ft.INTERPRET and not torch.cuda.is_available()
@@ -61,7 +61,7 @@ def _run(case, causal, kernel, inputs=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("spec,masked,causal", case_params())
 def test_values_and_grads_match_dense_reference(spec, masked, causal, kernel, dtype):
     case = make_case(spec, dtype, masked=masked, requires_grad=True)
@@ -86,7 +86,7 @@ def test_values_and_grads_match_dense_reference(spec, masked, causal, kernel, dt
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_statistics_match_the_cpp_op(causal, kernel):
     """The forward's saved statistics mean the same as the C++ op's: out, the final state, the key
     shifts, and each query's normalizer up to its own shift (den * e^shift: the shift itself depends
@@ -108,7 +108,7 @@ def test_statistics_match_the_cpp_op(causal, kernel):
         torch.testing.assert_close(g[finite], w[finite], rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_no_causal_leak(kernel):
     """Huge changes after position t leave outputs and gradients up to t as they were (to rounding)."""
     spec = Spec("leak", 1, 2, 1, 50, 50, 8, 8, 16)

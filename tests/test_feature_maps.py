@@ -399,13 +399,13 @@ def test_favor_pp_estimate_is_unbiased():
     assert est.var() < 0.9 * plus.var()
 
 
-def _rel_error(q, k, v, feature_map, m=256, draws=5, antithetic=False, scaling="chi"):
+def _rel_error(q, k, v, feature_map, m=256, draws=5, antithetic=False, scaling="chi", kernel="softmax"):
     exact = F.scaled_dot_product_attention(q, k, v)
     errors = []
     for draw in range(draws):
         w = performer.orthogonal_features(m, q.shape[-1], generator=torch.Generator().manual_seed(10 + draw),
                                           dtype=q.dtype, antithetic=antithetic, scaling=scaling)
-        out = performer.favor_attention(q, k, v, features=w, feature_map=feature_map)
+        out = performer.favor_attention(q, k, v, features=w, feature_map=feature_map, kernel=kernel)
         errors.append(((out - exact).norm() / exact.norm()).item())
     return sorted(errors)[len(errors) // 2]
 
@@ -440,6 +440,22 @@ def test_fixed_norm_antithetic_features_lower_the_error_further():
     both = _scaled_inputs(aniso=True, offset=True)
     assert _rel_error(*both, FeatureMap("favor+"), m=64, antithetic=True, scaling="sqrt_d") < \
         0.8 * _rel_error(*both, FeatureMap(), m=64, antithetic=True)
+
+
+def test_normalized_keys_lower_the_error():
+    """kernel="softmax_normalized" (each key's features divided by their sum over the features) against
+    the softmax kernel, same inputs and draws as above: plain FAVOR+ on isotropic inputs, and the default
+    map (FAVOR++, rescaling, centering) with antithetic features on anisotropic inputs with a shared key
+    offset; the error still falls with more features, as a consistent estimator's does. Measured: 0.165
+    vs 0.234, 0.133 vs 0.149; 0.165, 0.106, 0.063 at m = 64, 256, 1024."""
+    plus = FeatureMap("favor+", rescale=False, center_keys=False)
+    iso = _scaled_inputs()
+    assert _rel_error(*iso, plus, m=64, kernel="softmax_normalized") < 0.8 * _rel_error(*iso, plus, m=64)
+    both = _scaled_inputs(aniso=True, offset=True)
+    assert _rel_error(*both, FeatureMap(), m=64, antithetic=True, kernel="softmax_normalized") < \
+        0.95 * _rel_error(*both, FeatureMap(), m=64, antithetic=True)
+    errors = [_rel_error(*iso, plus, m=m, kernel="softmax_normalized") for m in (64, 256, 1024)]
+    assert errors[1] < 0.7 * errors[0] and errors[2] < 0.7 * errors[1], errors
 
 
 def test_identity_map_changes_nothing():
@@ -493,7 +509,7 @@ def test_feature_map_errors():
     with pytest.raises(ValueError, match="features must have shape \\(m, E\\), \\(Hk, m, E\\) or \\(B, Hk, m, E\\) "
                                          "with Hk=2 and B=1"):
         FeatureMap()(q, k, w[None].expand(3, 8, 16), 0.25, False)
-    with pytest.raises(ValueError, match="feature_map applies to the softmax kernel only"):
+    with pytest.raises(ValueError, match="feature_map applies to the softmax kernels only"):
         performer.favor_attention(q, k, v, features=w, feature_map=FeatureMap(), kernel="relu")
     with pytest.raises(ValueError, match="feature_map builds feature_bias itself"):
         performer.favor_attention(q, k, v, features=w, feature_map=FeatureMap(), feature_bias=torch.zeros(8))

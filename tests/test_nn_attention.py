@@ -144,9 +144,24 @@ def test_error_against_mha_falls_as_features_grow():
     assert errors[2] < 0.2 * errors[0], errors
 
 
-def test_relu_kernel_runs_through_the_module():
+def test_normalized_kernel_through_the_module_is_closer_to_mha():
+    """kernel="softmax_normalized" on the module: the same weights and features as the softmax module,
+    a smaller error to nn.MultiheadAttention."""
+    mha, pa = module_pair(batch_first=True)
+    x = inputs(True)[0]
+    expected, _ = mha(x, x, x, need_weights=False)
+    normalized = performer.PerformerAttention(E, HEADS, batch_first=True, kernel="softmax_normalized", **DOUBLE)
+    normalized.load_state_dict(pa.state_dict())
+    assert normalized.kernel == "softmax_normalized"
+    error = {name: (module(x, x, x)[0] - expected).norm().item() for name, module in (("softmax", pa),
+                                                                                         ("normalized", normalized))}
+    assert error["normalized"] < 0.9 * error["softmax"], error
+
+
+@pytest.mark.parametrize("kernel", ["relu", "softmax_normalized"])
+def test_other_kernels_run_through_the_module(kernel):
     _, pa = module_pair(batch_first=True)
-    relu = performer.PerformerAttention(E, HEADS, batch_first=True, kernel="relu", **DOUBLE)
+    relu = performer.PerformerAttention(E, HEADS, batch_first=True, kernel=kernel, **DOUBLE)
     relu.load_state_dict(pa.state_dict())  # the same weights and features
     x = inputs(True)[0]
     out, _ = relu(x, x, x, is_causal=True)
@@ -307,7 +322,7 @@ def test_dropout_applies_to_the_attention_output_in_training_only():
 
 # ---- decoding with a cache -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("kernel", ["softmax", "relu", "softmax_normalized"])
 @pytest.mark.parametrize("layout", ["seq_first", "batch_first", "unbatched"])
 def test_decoding_with_cache_matches_the_causal_forward(layout, kernel):
     pa = performer.PerformerAttention(E, HEADS, batch_first=layout == "batch_first", kernel=kernel, **DOUBLE,

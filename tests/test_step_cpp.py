@@ -103,9 +103,11 @@ def test_non_contiguous_inputs_and_state():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
-def test_one_head_split_across_threads():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_head_split_across_threads(kernel):
     """B = Hk = 1 with work enough for a second thread (m = 1024, Ev = 256: about 3 million
-    multiply-adds per position): the kernel splits the features over the threads."""
+    multiply-adds per position): the kernel splits the features over the threads (softmax_normalized
+    combines the threads' shares of each key's log-sum-exp)."""
     g = torch.Generator().manual_seed(4)
     E, m, Ev = 64, 1024, 256
     w = performer.orthogonal_features(m, E, generator=g)
@@ -117,7 +119,7 @@ def test_one_head_split_across_threads():
             torch.set_num_threads(n)
             case = dataclasses.replace(make_case(SPECS[0], torch.float32), q=q, k=k, v=v, features=w,
                                        key_padding_mask=None)
-            assert_step_close(step_both(case, [0, 1, 2, 3, 17, 40]), torch.float32)
+            assert_step_close(step_both(case, [0, 1, 2, 3, 17, 40], kernel), torch.float32)
     finally:
         torch.set_num_threads(threads)
 
@@ -199,8 +201,10 @@ def test_in_place_decoding_calls_the_extension_directly(monkeypatch, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("kind,layout", [("favor++", "shared"), ("favor++", "per_head"), ("favor+", "shared")])
-def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch, dtype, kind, layout):
+@pytest.mark.parametrize("kind,layout,kernel", [("favor++", "shared", "softmax"), ("favor++", "per_head", "softmax"),
+                                               ("favor+", "shared", "softmax"),
+                                               ("favor++", "shared", "softmax_normalized")])
+def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch, dtype, kind, layout, kernel):
     """With a frozen FeatureMap, a decoder's tokens after the first reuse the map's derived features
     and go straight to the extension (the full checks run once), which applies the map's transform
     of the rows itself for float32 and float64 inputs; the outputs and state equal the out-of-place
@@ -218,10 +222,11 @@ def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch, 
     state = reference = None
     for t in range(6):
         piece = [x[..., t:t + 1, :] for x in (case.q, case.k, case.v)]
-        want, reference = performer.favor_attention_step(*piece, reference, features=features, feature_map=fmap)
+        want, reference = performer.favor_attention_step(*piece, reference, features=features, feature_map=fmap,
+                                                         kernel=kernel)
         n = len(calls)
         got, state = performer.favor_attention_step(*piece, state, features=features, feature_map=fmap,
-                                                    inplace=True)
+                                                    inplace=True, kernel=kernel)
         assert len(calls) == n + (t == 0), t   # the first step (no state yet) takes the full path
         torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
         state_tol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -236,7 +241,7 @@ def test_in_place_decoding_with_a_frozen_map_skips_the_full_checks(monkeypatch, 
         assert (step.features.dim() == 2) == shared and (step.k_post is not None) == (shared and kind == "favor++")
 
 
-def _fused_transform_case(B, H, Hk, E, m, dtype, seed=0):
+def _fused_transform_case(B, H, Hk, E, m, dtype, seed=0, kernel="softmax"):
     """performer._C.favor_step_ with a row transform (q_mul, k_mul, k_add, k_post, head_bias) on
     random values, and the plain-PyTorch step on the inputs and features it stands for: query
     q * q_mul / k_post (the kernel projects W (q * q_mul), and the torch step multiplies by its
@@ -249,24 +254,26 @@ def _fused_transform_case(B, H, Hk, E, m, dtype, seed=0):
     q_mul, k_mul, k_add = 1 + 0.3 * r(1, H, 1, E), 1 + 0.3 * r(1, Hk, 1, E), 0.2 * r(1, Hk, 1, E)
     k_post, head_bias = 0.8 + 0.2 * torch.rand(Hk, generator=g, dtype=dtype), 0.1 * r(1, Hk, m)
     post_q = k_post.repeat_interleave(H // Hk)[None, :, None, None]
-    ref = dict(features=k_post[:, None, None] * w, feature_bias=head_bias[0], scale=1.0, backend="torch")
+    ref = dict(features=k_post[:, None, None] * w, feature_bias=head_bias[0], scale=1.0, backend="torch",
+               kernel=kernel)
     q_ref, k_ref = q * q_mul / post_q, k * k_mul + k_add
     _, prefix = performer.favor_attention_step(q_ref[..., :3, :], k_ref[..., :3, :], v[..., :3, :], **ref)
     want, want_state = performer.favor_attention_step(q_ref[..., 3:, :], k_ref[..., 3:, :], v[..., 3:, :],
                                                       prefix, **ref)
     state = [t.clone() for t in prefix]
     got = performer._C.favor_step_(q[..., 3:, :], k[..., 3:, :], v[..., 3:, :], w, None, None, *state, 1.0,
-                                   "softmax", q_mul, k_mul, k_add, k_post, head_bias)
+                                   kernel, q_mul, k_mul, k_add, k_post, head_bias)
     return (got, tuple(state)), (want, tuple(want_state))
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_normalized"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("B,H,Hk,E,m", [(1, 8, 8, 64, 256), (2, 4, 2, 16, 20), (3, 2, 1, 5, 7), (4, 8, 8, 64, 256)])
-def test_fused_row_transform_of_the_step(B, H, Hk, E, m, dtype):
+def test_fused_row_transform_of_the_step(B, H, Hk, E, m, dtype, kernel):
     """The kernel's row transform (a frozen map's rescaling, centering and FAVOR++ coefficient with
     features shared by the heads) equals the plain-PyTorch step on the transformed inputs, one head or
-    several, grouped heads, items split across threads."""
-    (got, state), (want, want_state) = _fused_transform_case(B, H, Hk, E, m, dtype)
+    several, grouped heads, items split across threads; for both exponential kernels."""
+    (got, state), (want, want_state) = _fused_transform_case(B, H, Hk, E, m, dtype, kernel=kernel)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
     for a, b in zip(state, want_state):
         torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
@@ -388,7 +395,7 @@ from test_step_cpp import _fused_transform_case, assert_step_close, step_both
 checked = 0
 for spec in (Spec("isa", 2, 4, 2, 21, 21, 16, 9, 20), Spec("isa_wide", 1, 8, 1, 9, 9, 64, 64, 256)):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for kernel in ("softmax", "relu"):
+        for kernel in ("softmax", "relu", "softmax_normalized"):
             for layout in ("shared", "per_batch_head"):
                 case = make_case(spec, dtype, masked=spec.B > 1, seed=7)
                 assert_step_close(step_both(case, [0, 1, 2, 5, spec.L], kernel, layout=layout), dtype)
@@ -404,4 +411,4 @@ print(json.dumps({"isa": torch.ops.performer.cpu_isa(), "checked": checked}))
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_copy_of_the_step(isa):
-    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 28}
+    assert run_on_isa(isa, STEP_ISA_SCRIPT) == {"isa": isa, "checked": 40}

@@ -129,7 +129,7 @@ BAD_OP_ARGUMENTS = [
      [f"key_padding_mask must have shape (B, S) = ({B}, {L})", f"got shape [{B}, {L - 1}]"]),
     ("mask_float", dict(key_padding_mask=torch.zeros(B, L)), TypeError, ["key_padding_mask must have dtype bool"]),
     ("scale", dict(scale=0.0), ValueError, ["scale must be positive", "got 0"]),
-    ("kernel", dict(kernel="gelu"), ValueError, ["kernel must be 'softmax' or 'relu'", "got 'gelu'"]),
+    ("kernel", dict(kernel="gelu"), ValueError, ["kernel must be 'softmax', 'relu' or 'softmax_normalized'", "got 'gelu'"]),
 ]
 
 

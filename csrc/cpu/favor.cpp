@@ -27,7 +27,7 @@ FavorParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   in = check_favor_inputs(q, k, v, features, feature_bias, mask, scale, causal, kernel);
   FavorParams p{};
   p.dtype = dtype_of(q, "q");
-  p.kernel = kernel == "softmax" ? Kernel::softmax : Kernel::relu;
+  p.kernel = kernel_of(kernel);
   p.causal = causal;
   p.scale = scale;
   const FavorSizes& n = in.n;

@@ -3,6 +3,9 @@
 // Per (batch, key/value head) and over chunks of C rows, with c = sqrt(scale), W the (m, E)
 // features of that batch and head, b their bias (zero if none), k' = c k and q' = c q:
 //   keys:     w_s = W k'_s + b - |k'_s|^2/2 (softmax) or W k'_s + b (relu);  phi_k(s) = exp(w_s - M)
+//             softmax_normalized: w_s = W k'_s + b - lse_s with lse_s = log sum_j exp(W k'_s + b)_j, the
+//             key's features divided by their sum (m times their mean): a per-key factor that the
+//             estimator no longer has to get right by chance, which lowers its variance.
 //   queries:  phi_q(t) = exp(W q'_t + b - c_t)  (relu: relu(W q'_t + b) + eps)
 //   out_t     = phi_q(t)^T S / phi_q(t)^T z  with S = sum_s phi_k(s) v_s^T (m x Ev), z = sum_s phi_k(s).
 // The shifts M and c_t cancel exactly in the ratio and carry no gradient. c_t is chosen so that
@@ -100,7 +103,8 @@ struct Favor {
   const T* W = nullptr;  // those of the batch and head in hand (use_features)
   const T* bias = nullptr;
   int64_t slot = -1;
-  const bool softmax;
+  const bool softmax;     // softmax or softmax_normalized: exponential features
+  const bool normalized;  // softmax_normalized
   T* const state_out;
   T* const den_out;
   T* const qshift_out;
@@ -110,7 +114,7 @@ struct Favor {
   // respect to them; the state S (m x Ev) and z (m), and dS/dz or the reverse-sweep P/p.
   Scratch<T> qc_, kc_, vc_, u_, phiq_, w_, phik_, a_, da_, num_, gq_, dphiq_, dphik_, dv_, dx_, st_, dst_, rows_, logz_;
   T *qc, *kc, *vc, *u, *phiq, *w, *phik, *a, *da, *num, *gq, *dphiq, *dphik, *dv, *dx, *S, *z, *dS, *dz;
-  T *ms, *ref, *rsum, *dens, *beta, *ones, *qs, *logz;
+  T *ms, *ref, *rsum, *dens, *beta, *ones, *qs, *kinv, *logz;
   GemmScratch<T> gs;
   PackedB<T> w_t, w_n, s_p, chunk_p;  // W^T (E x m), W (m x E), the state, a per-chunk operand
   Scratch<T> dW_;                     // this thread's share of dfeatures and dfeature_bias, or empty
@@ -119,7 +123,8 @@ struct Favor {
   explicit Favor(const FavorParams& p_)
       : p(p_), C(kChunk), m(p_.m), E(p_.E), Ev(p_.Ev), g(p_.H / p_.Hk),
         c(T(__builtin_sqrt(p_.scale))), W0(static_cast<const T*>(p_.features)),
-        bias0(static_cast<const T*>(p_.feature_bias)), softmax(p_.kernel == Kernel::softmax),
+        bias0(static_cast<const T*>(p_.feature_bias)), softmax(p_.kernel != Kernel::relu),
+        normalized(p_.kernel == Kernel::softmax_normalized),
         state_out(static_cast<T*>(p_.state)), den_out(static_cast<T*>(p_.den)),
         qshift_out(static_cast<T*>(p_.query_shift)), shift_out(static_cast<T*>(p_.key_shift)) {
     qc = qc_.get(C * E); kc = kc_.get(C * E); vc = vc_.get(C * Ev);
@@ -129,7 +134,7 @@ struct Favor {
     S = st_.get(m * Ev + m); z = S + m * Ev;
     dS = dst_.get(m * Ev + m); dz = dS + m * Ev;
     logz = logz_.get(m);
-    ms = rows_.get(7 * C); qs = ms + 6 * C; ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
+    ms = rows_.get(8 * C); qs = ms + 6 * C; kinv = ms + 7 * C; ref = ms + C; rsum = ms + 2 * C; dens = ms + 3 * C; beta = ms + 4 * C; ones = ms + 5 * C;
     for (int64_t i = 0; i < C; ++i) ones[i] = T(1);
     use_features(0, 0);
     if (p.dfeatures) {
@@ -224,6 +229,7 @@ struct Favor {
       T* ws = w + s * m;
       if (mk && mk[s]) { ms[s] = T(kNegInf); continue; }
       if (!softmax) { ms[s] = T(0); continue; }
+      if (normalized) { ms[s] = normalize_row(ws, phik + s * m, kinv[s]); continue; }
       const T half_norm = T(0.5) * dot(kc + s * E, kc + s * E, E);
       T mx = T(kNegInf);
 #pragma omp simd reduction(max : mx)
@@ -235,7 +241,28 @@ struct Favor {
     }
   }
 
-  // phi_k(s) = exp(w_s - ref[s]) (relu: relu(w_s) + eps); padding rows are zero.
+  // One key's row: w -= lse = log sum_j exp(w_j), and its features' exponentials e_j = exp(w_j - max_j w_j)
+  // into ph with inv = 1 / sum_j e_j, so that the key's features are e_j * inv * exp(-ref) (key_features:
+  // no second exponential). Returns the new max_j w_j, in [-log m, 0] (NaN for a NaN key).
+  T normalize_row(T* ws, T* ph, T& inv) const {
+    T mx = T(kNegInf);
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < m; ++j) mx = ws[j] > mx ? ws[j] : mx;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < m; ++j) {
+      ph[j] = exp_fast(ws[j] - mx);
+      sum += ph[j];
+    }
+    const T lse = mx + T(::log(double(sum)));  // NaN propagates through sum
+    inv = T(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) ws[j] -= lse;
+    return mx - lse;
+  }
+
+  // phi_k(s) = exp(w_s - ref[s]) (relu: relu(w_s) + eps; softmax_normalized: from load_keys' exponentials,
+  // e_j * inv * exp(-ref[s]) with max_j w_sj <= ref[s] <= 0); padding rows are zero.
   void key_features(int64_t b, int64_t s0, int64_t n, const T* refs) {
     const bool* mk = mask_rows(b, s0);
     for (int64_t s = 0; s < n; ++s) {
@@ -243,6 +270,10 @@ struct Favor {
       T* ph = phik + s * m;
       if ((mk && mk[s]) || refs[s] == T(kNegInf)) {
         zero(ph, m);
+      } else if (normalized) {
+        const T f = kinv[s] * T(::exp(double(-refs[s])));
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) ph[j] *= f;
       } else if (softmax) {
         const T r = refs[s];
 #pragma omp simd
@@ -408,7 +439,10 @@ struct Favor {
     store_rows<T>(p.dq, p.dtype, ((b * p.H + h) * p.L + t0) * E, n, E, c, dx, E);
   }
 
-  // dk rows from dphik: dw = dphi_k * dphi_k/dw; dk = c (dw W - k' sum_j dw_j) (relu: c dw W).
+  // dk rows from dphik: dw = dphi_k * dphi_k/dw; dk = c (dw W - k' sum_j dw_j) (relu: c dw W;
+  // softmax_normalized: dw_j -= p_j sum_i dw_i with p_j = exp(w_j) the key's softmax over the features,
+  // then dk = c dw W: the gradient through lse, which also reaches the features and bias; phi_k rows of
+  // visible keys sum to exp(-ref) >= 1, see key_features).
   void store_dk_dv(int64_t b, int64_t hk, int64_t s0, int64_t n) {
     const bool* mk = mask_rows(b, s0);
     for (int64_t s = 0; s < n; ++s) {
@@ -428,10 +462,18 @@ struct Favor {
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < m; ++j) sum += d[j];
       rsum[s] = sum;
+      if (normalized && !(mk && mk[s])) {  // p = phi_k / sum_j phi_kj: the key's softmax over the features
+        T total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < m; ++j) total += ph[j];
+        const T f = sum / total;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) d[j] -= ph[j] * f;
+      }
     }
     gemm_(n, w_n, dphik, m, 1, dx, E, false);
     add_feature_grads(n, dphik, kc);
-    if (softmax)
+    if (softmax && !normalized)
       for (int64_t s = 0; s < n; ++s) axpy(-rsum[s], kc + s * E, dx + s * E, E);
     const int64_t row0 = (b * p.Hk + hk) * p.S + s0;
     store_rows<T>(p.dk, p.dtype, row0 * E, n, E, c, dx, E);

@@ -54,7 +54,7 @@ at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
   StepParams p{};
   p.dtype = dtype_of(q, "q");
-  p.kernel = kernel == "softmax" ? Kernel::softmax : Kernel::relu;
+  p.kernel = kernel_of(kernel);
   p.scale = scale;
   p.B = n.B; p.H = n.H; p.Hk = n.Hk; p.T = n.L; p.E = n.E; p.Ev = n.Ev; p.m = n.m;
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);

@@ -36,7 +36,8 @@ struct StepWorkspace {
   T* xt;     // (E, Rpad) scaled rows, zero padding lanes
   T* P;      // (m, Rpad)
   T* pmax;   // (team, Rpad) partial lane maxima
-  T* half;   // (items) |k'|^2 / 2 (softmax), 0 (relu)
+  T* half;   // (items) |k'|^2 / 2 (softmax), 0 (relu), lse of the key's projections (softmax_normalized)
+  T* ksum;   // (team, items) softmax_normalized: partial sums of exp(w - lane max) of the key lanes
   T* res;    // (units, g, Ev + 2) partial [num (Ev), den, best]
 };
 
@@ -261,7 +262,8 @@ static void favor_step_typed(const StepParams& p) {
   const int64_t items = p.B * p.Hk, g = p.H / p.Hk, nr = 1 + g, m = p.m, E = p.E, Ev = p.Ev;
   const int64_t V = step_lanes<T>();
   const int64_t R = items * nr, Rpad = (R + V - 1) / V * V;
-  const bool softmax = p.kernel == Kernel::softmax;
+  const bool softmax = p.kernel != Kernel::relu;
+  const bool normalized = p.kernel == Kernel::softmax_normalized;
   const T c = T(__builtin_sqrt(p.scale));
   const T* W = static_cast<const T*>(p.features);
   const T* bias = static_cast<const T*>(p.bias);
@@ -287,11 +289,13 @@ static void favor_step_typed(const StepParams& p) {
   const int64_t part_rows = ((m + parts - 1) / parts + 7) / 8 * 8;
 
   static thread_local Scratch<T> buf;  // the calling thread's; grow-only
-  T* xt = buf.get(E * Rpad + m * Rpad + team * Rpad + items + units * g * (Ev + 2) + (per_item ? R * E : 0));
+  T* xt = buf.get(E * Rpad + m * Rpad + team * Rpad + items + team * items + units * g * (Ev + 2) +
+                  (per_item ? R * E : 0));
   T* P = xt + E * Rpad;
   T* pmax = P + m * Rpad;
   T* half = pmax + team * Rpad;
-  T* res = half + items;
+  T* ksum = half + items;
+  T* res = ksum + team * items;
   T* xr = res + units * g * (Ev + 2);  // per-item features: the rows, R x E
   if (!per_item)
     for (int64_t i = 0; i < E * Rpad; ++i) xt[i] = T(0);
@@ -334,13 +338,13 @@ static void favor_step_typed(const StepParams& p) {
             load_rows<T>(p.q, p.dtype, b, hk * g + h, t, 1, E, c, qr, E);
             affine_row(qr, q_mul ? q_mul + (hk * g + h) * E : nullptr, static_cast<const T*>(nullptr), E);
           }
-          half[it] = softmax ? T(0.5) * dot(kr, kr, E) : T(0);
+          half[it] = softmax && !normalized ? T(0.5) * dot(kr, kr, E) : T(0);
           if (k_post) affine_row(kr, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), E, k_post[hk]);
           continue;
         }
         load_rows<T>(p.k, p.dtype, b, hk, t, 1, E, c, row, E);
         affine_row(row, k_mul ? k_mul + hk * E : nullptr, k_add ? k_add + hk * E : nullptr, E);
-        half[it] = softmax ? T(0.5) * dot(row, row, E) : T(0);
+        half[it] = softmax && !normalized ? T(0.5) * dot(row, row, E) : T(0);
         const T post = k_post ? k_post[hk] : T(1);
         for (int64_t e = 0; e < E; ++e) xt[e * Rpad + r0] = post * row[e];
         for (int64_t h = 0; h < g; ++h) {
@@ -373,6 +377,13 @@ static void favor_step_typed(const StepParams& p) {
 #pragma omp simd
         for (int64_t r = 0; r < Rpad; ++r) mx[r] = pj[r] > mx[r] ? pj[r] : mx[r];
       }
+      if (normalized)  // this thread's share of sum_j exp(w_j - its lane max) for each key lane
+        for (int64_t it = 0; it < items; ++it) {
+          const int64_t r0 = it * nr;
+          T sum = 0;
+          for (int64_t j = pj0; j < pj1; ++j) sum += exp_fast(P[j * Rpad + r0] - mx[r0]);
+          ksum[tid * items + it] = sum;
+        }
 #pragma omp barrier
       // Phase B: maxima, running maxima, shifts and gates (every thread, for every lane), then phi.
       for (int64_t r = 0; r < Rpad; ++r) {
@@ -384,6 +395,13 @@ static void favor_step_typed(const StepParams& p) {
       for (int64_t it = 0; it < items; ++it) {
         const int64_t r0 = it * nr;
         const bool visible = !(mask && mask[(it / p.Hk) * p.T + t]);
+        if (normalized) {  // half = lse of the key's projections, from the threads' shares
+          T sum = 0;
+          for (int64_t i = 0; i < nt; ++i)
+            if (ksum[i * items + it] != T(0))  // NaN (a NaN key) propagates
+              sum += ksum[i * items + it] * exp_fast(pmax[i * Rpad + r0] - shift[r0]);
+          half[it] = shift[r0] + T(::log(double(sum)));
+        }
         T rmax = T(kNegInf);
         if (visible) {
           rmax = softmax ? shift[r0] - half[it] : T(0);

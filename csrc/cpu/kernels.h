@@ -8,7 +8,9 @@
 namespace performer::cpu {
 
 enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
-enum class Kernel : int { softmax = 0, relu = 1 };
+// softmax_normalized: the softmax kernel with each key's features divided by their mean over the
+// features (the key's -|k'|^2/2 becomes -log sum_j exp(W k' + b)_j), see favor_kernel.h.
+enum class Kernel : int { softmax = 0, relu = 1, softmax_normalized = 2 };
 
 // A (B, H, N, D) tensor view with element strides, in the input dtype.
 struct View {

@@ -1156,6 +1156,7 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const std::optional<at::Tensor>& feature_bias, const std::optional<at::Tensor>& mask, double scale,
                    bool causal, std::string_view kernel, FavorInputs& in) {
   in = check_favor_inputs(q, k, v, features, feature_bias, mask, scale, causal, kernel);
+  check_cuda_kernel(kernel);
   const FavorSizes& n = in.n;
   Params p{};
   p.q = view_of(q);

@@ -223,6 +223,7 @@ void step_impl(const StepParams& p, cudaStream_t stream) {
 at::Tensor run_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const FavorInputs& in,
                     const FavorStepState& prev, at::Tensor& kv, at::Tensor& normalizer, at::Tensor& key_max,
                     double scale, std::string_view kernel) {
+  check_cuda_kernel(kernel);
   const FavorSizes& n = in.n;
   at::Tensor out = at::empty({n.B, n.H, n.L, n.Ev}, q.options());
   if (n.L == 0) {

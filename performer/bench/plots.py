@@ -17,7 +17,7 @@ from performer.bench.report import (_attention_groups, attention_crossovers, com
 
 STYLE = {"cpp": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s"),
          "torch": dict(color="tab:green", marker="^"), "triton": dict(color="tab:purple", marker="D"),
-         "cpp++": dict(color="tab:cyan", marker="v"),
+         "cpp++": dict(color="tab:cyan", marker="v"), "cpp-nk": dict(color="tab:olive", marker="P"),
          "step": dict(color="tab:blue", marker="o"), "step_torch": dict(color="tab:green", marker="^"),
          "step_fmap": dict(color="tab:cyan", marker="v")}
 DTYPE_LINES = ("-", "--", ":", "-.")

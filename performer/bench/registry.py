@@ -51,9 +51,10 @@ FULL_BUDGET = Budget(seconds=1.0, max_repeats=30)
 QUICK_BUDGET = Budget(seconds=0.15, max_repeats=10)
 
 
-def _favor(backend: str) -> Callable:
+def _favor(backend: str, kernel: str = "softmax") -> Callable:
     def run(q, k, v, causal, features):
-        return performer.favor_attention(q, k, v, is_causal=causal, features=features, backend=backend)
+        return performer.favor_attention(q, k, v, is_causal=causal, features=features, backend=backend,
+                                         kernel=kernel)
     return run
 
 
@@ -103,6 +104,8 @@ ATTENTION = AttentionSuite(
     impls=(Impl("cpp", "performer", "FAVOR+ performer (C++)", _favor("cpp")),
            Impl("cpp++", "FAVOR++", "FAVOR++ rescaled, keys centered, performer (C++)", _favor_mapped(),
                 vs=("cpp", "sdpa")),
+           Impl("cpp-nk", "normalized", "FAVOR+ normalized keys (kernel='softmax_normalized'), performer (C++)",
+                _favor("cpp", "softmax_normalized"), vs=("cpp", "sdpa")),
            Impl("sdpa", "SDPA", "torch SDPA (exact)", _sdpa, baseline=True, max_size=16384),
            _TORCH_FAVOR))
 
@@ -191,13 +194,15 @@ class AccuracyInputs:
     offset: bool = False
 
 
-def _estimator(sampler: str = "orthogonal", antithetic: bool = False, scaling: str = "chi", **feature_map):
-    """fn(m, dim, generator, dtype) -> (features, FeatureMap) for the accuracy suite."""
+def _estimator(sampler: str = "orthogonal", antithetic: bool = False, scaling: str = "chi", kernel: str = "softmax",
+               **feature_map):
+    """fn(m, dim, generator, dtype) -> favor_attention's features, feature_map and kernel arguments,
+    for the accuracy suite."""
     def make(m, dim, generator, dtype):
         draw = performer.simplex_features if sampler == "simplex" else performer.orthogonal_features
         features = draw(m, dim, generator=generator, dtype=dtype, antithetic=antithetic, scaling=scaling)
-        return features, performer.FeatureMap(**dict(dict(kind="favor+", rescale=False, center_keys=False),
-                                                     **feature_map))
+        return dict(features=features, kernel=kernel, feature_map=performer.FeatureMap(
+            **dict(dict(kind="favor+", rescale=False, center_keys=False), **feature_map)))
     return make
 
 
@@ -231,7 +236,12 @@ ACCURACY = AccuracySuite(
            Impl("all", "all", "FAVOR++, antithetic, rescaled, keys centered",
                 _estimator(antithetic=True, kind="favor++", rescale=True, center_keys=True)),
            Impl("fixed norm", "fixed norm", "FAVOR+, antithetic orthogonal features of norm sqrt(d), rescaled, "
-                "keys centered", _estimator(antithetic=True, scaling="sqrt_d", rescale=True, center_keys=True))))
+                "keys centered", _estimator(antithetic=True, scaling="sqrt_d", rescale=True, center_keys=True)),
+           Impl("normalized", "normalized", "FAVOR+, normalized keys (kernel='softmax_normalized')",
+                _estimator(kernel="softmax_normalized")),
+           Impl("fixed norm normalized", "fixed norm + nk", "fixed norm with normalized keys",
+                _estimator(antithetic=True, scaling="sqrt_d", rescale=True, center_keys=True,
+                           kernel="softmax_normalized"))))
 
 
 @dataclass(frozen=True)

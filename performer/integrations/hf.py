@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("performer.integrations.hf needs Hugging Face transformers >= 5 "
                       "(pip install 'transformers>=5')") from exc
 
-from .._validate import check_choice, check_feature_sampler, check_positive_int
+from .._validate import KERNELS, check_choice, check_feature_sampler, check_positive_int
 from ..features import FeatureSampler, sample_features
 from ..ops.favor import FavorState, favor_attention, favor_attention_step
 from ._masks import reduce_mask
@@ -83,7 +83,7 @@ def register(name: str = "favor", *, num_features: int = 256, kernel: str = "sof
     if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash"):
         raise ValueError(f"name must be a new attention implementation name (not eager, sdpa or flash*); got {name!r}")
     check_positive_int("num_features", num_features)
-    check_choice("kernel", kernel, ("softmax", "relu"))
+    check_choice("kernel", kernel, KERNELS)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
     if backend is not None:

@@ -70,7 +70,8 @@ class PerformerAttention(RandomFeatures):
     ``from_multihead_attention`` converts a module. Keyword-only options:
 
     - num_features: random features per head (m); more features, closer to softmax attention.
-    - kernel: "softmax" approximates softmax attention; "relu" is generalized attention.
+    - kernel: "softmax" approximates softmax attention, "softmax_normalized" too with lower variance (each
+      key's features divided by their sum; see performer.favor_attention); "relu" is generalized attention.
     - feature_redraw_interval, generator, feature_map, feature_sampler: see RandomFeatures.
 
     Differences from nn.MultiheadAttention, where FAVOR+ has no attention matrix:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._validate import check_generator, validate_feature_options
+from .._validate import SOFTMAX_KERNELS, check_generator, validate_feature_options
 from ..feature_maps import FeatureMap
 from ..features import FeatureSampler, sample_features
 from ..ops.favor import favor_attention
@@ -56,8 +56,9 @@ class RandomFeatures(nn.Module):
         validate_feature_options(num_features, kernel, feature_redraw_interval, generator, feature_sampler)
         if feature_map is not None and not isinstance(feature_map, FeatureMap):
             raise TypeError(f"feature_map must be a performer.FeatureMap or None; got {type(feature_map).__name__}")
-        if feature_map is not None and kernel != "softmax":
-            raise ValueError(f"feature_map applies to the softmax kernel only; got kernel={kernel!r}")
+        if feature_map is not None and kernel not in SOFTMAX_KERNELS:
+            raise ValueError(f"feature_map applies to the softmax kernels only ({', '.join(SOFTMAX_KERNELS)}); got "
+                             f"kernel={kernel!r}")
         self.feature_map = feature_map
         self.num_features, self.kernel = num_features, kernel
         self.feature_redraw_interval = feature_redraw_interval

@@ -11,14 +11,14 @@ _CUDA_REASON = cuda_kernels_reason("performer::favor_forward")
 _STEP_CUDA_REASON = cuda_kernels_reason("performer::favor_step")
 
 
-def cuda_reason():
+def cuda_reason(kernel: str = "softmax"):
     """Why the compiled ops cannot run on CUDA tensors, or None."""
-    return _CUDA_REASON
+    return _CUDA_REASON or opdef.gpu_kernel_reason(kernel)
 
 
-def step_cuda_reason():
+def step_cuda_reason(kernel: str = "softmax"):
     """Why the compiled decoding step cannot run on CUDA tensors, or None."""
-    return _STEP_CUDA_REASON
+    return _STEP_CUDA_REASON or opdef.gpu_kernel_reason(kernel)
 
 if unavailable_reason() is None:
     torch.library.register_fake("performer::favor_forward")(opdef.forward_fake)

@@ -24,6 +24,17 @@ from __future__ import annotations
 
 import torch
 
+from ..._validate import KERNELS
+
+# The kernels the CUDA and Triton code implements; softmax_normalized runs on the C++ CPU kernels and
+# the torch backend (the default on GPUs).
+GPU_KERNELS = ("softmax", "relu")
+
+
+def gpu_kernel_reason(kernel: str):
+    """Why the CUDA and Triton kernels do not take this kernel, or None."""
+    return None if kernel in GPU_KERNELS else f"kernel {kernel!r} has no GPU kernel (the torch backend runs it)"
+
 
 def acc_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -105,7 +116,7 @@ def check_forward(q, k, v, features, key_padding_mask, causal: bool, kernel: str
     torch._check(q.device == k.device == v.device == features.device
                  and (feature_bias is None or feature_bias.device == q.device),
                  lambda: f"{op}: q, k, v, features and feature_bias must be on one device")
-    torch._check(kernel in ("softmax", "relu"), lambda: f"{op}: kernel must be 'softmax' or 'relu'; got {kernel!r}")
+    torch._check(kernel in KERNELS, lambda: f"{op}: kernel must be one of {KERNELS}; got {kernel!r}")
     torch._check(not causal or L == k.shape[2], lambda: f"{op}: causal needs L == S; got {L} and {k.shape[2]}")
     if key_padding_mask is not None:
         torch._check(key_padding_mask.dtype == torch.bool and tuple(key_padding_mask.shape) == (B, k.shape[2]),

@@ -9,7 +9,7 @@ import torch
 
 from ... import _C_loader, _dispatch
 from ..._C_loader import unavailable_reason
-from ..._validate import FLOAT_DTYPES, PLAIN_FEATURE_TYPES, validate_favor_step
+from ..._validate import FLOAT_DTYPES, PLAIN_FEATURE_TYPES, SOFTMAX_KERNELS, validate_favor_step
 from ...feature_maps import FeatureMap, prepare
 from .cpp import step_cuda_reason
 from .reference import favor_torch
@@ -45,7 +45,7 @@ def _cpp_check(args) -> Optional[str]:
     if args.needs_grad():
         return ("has no gradient (a gradient is recorded for query, key, value, the state or the features); the "
                 "torch backend has")
-    return step_cuda_reason() if args.device.type == "cuda" else None
+    return step_cuda_reason(args.kernel) if args.device.type == "cuda" else None
 
 
 def _direct(a) -> bool:
@@ -107,7 +107,7 @@ def _map_step_in_place_direct(q, k, v, state, features, bias, scale, kernel, mas
     a decoder's every token after its first. For float32 and float64 inputs the kernel transforms
     the rows as it loads them; other dtypes get the map's two elementwise passes first. None where
     the full path must run."""
-    if (bias is not None or kernel != "softmax" or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
+    if (bias is not None or kernel not in SOFTMAX_KERNELS or type(feature_map) is not FeatureMap or type(q) is not _TENSOR
             or type(k) is not _TENSOR or type(features) not in PLAIN_FEATURE_TYPES or q.dim() != 4 or k.dim() != 4
             or not q.is_cpu):
         return None

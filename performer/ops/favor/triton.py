@@ -84,7 +84,9 @@ def feature_block(E: int, Ev: int, causal: bool) -> int:
 def decline_reason(args) -> Optional[str]:
     """Why the Triton kernels do not take these (validated) arguments, or None."""
     E, Ev = args.q.shape[3], args.v.shape[3]
-    return f"head sizes up to {MAX_DIM} (got E={E}, Ev={Ev})" if max(E, Ev) > MAX_DIM else None
+    if max(E, Ev) > MAX_DIM:
+        return f"head sizes up to {MAX_DIM} (got E={E}, Ev={Ev})"
+    return opdef.gpu_kernel_reason(args.kernel)
 
 
 if REGISTERED:
