@@ -68,8 +68,9 @@ def test_torch_backend_is_the_default_on_gpus():
 
 def test_gpu_kernels_decline_the_normalized_kernel():
     """The CUDA and Triton kernels implement softmax and relu: with kernel="softmax_normalized" the
-    Triton backend and the compiled ops on CUDA tensors decline and name why (the CUDA op itself
-    refuses it too, see the SIMT test); the torch backend, the default on GPUs, runs it."""
+    Triton backend declines and names why, and so does the compiled ops' check on CUDA tensors (the
+    same gpu_kernel_reason, behind cpp.cuda_reason; the CUDA op itself refuses the kernel too, see
+    the SIMT test); the torch backend, the default on GPUs, runs it."""
     from performer.ops.favor import opdef, triton
     reason = "kernel 'softmax_normalized' has no GPU kernel (the torch backend runs it)"
     assert triton.decline_reason(_args(kernel="softmax_normalized")) == reason

@@ -36,7 +36,7 @@ struct StepWorkspace {
   T* xt;     // (E, Rpad) scaled rows, zero padding lanes
   T* P;      // (m, Rpad)
   T* pmax;   // (team, Rpad) partial lane maxima
-  T* half;   // (items) |k'|^2 / 2 (softmax), 0 (relu), lse of the key's projections (softmax_normalized)
+  T* half;   // (items) |k'|^2 / 2 (softmax), 0 (relu and softmax_normalized, whose lse phase B takes)
   T* ksum;   // (team, items) softmax_normalized: partial sums of exp(w - lane max) of the key lanes
   T* res;    // (units, g, Ev + 2) partial [num (Ev), den, best]
 };
@@ -395,23 +395,24 @@ static void favor_step_typed(const StepParams& p) {
       for (int64_t it = 0; it < items; ++it) {
         const int64_t r0 = it * nr;
         const bool visible = !(mask && mask[(it / p.Hk) * p.T + t]);
-        if (normalized) {  // half = lse of the key's projections, from the threads' shares
+        T hn = half[it];
+        if (normalized) {  // the lse of the key's projections, from the threads' shares (every thread, own copy)
           T sum = 0;
           for (int64_t i = 0; i < nt; ++i)
             if (ksum[i * items + it] != T(0))  // NaN (a NaN key) propagates
               sum += ksum[i * items + it] * exp_fast(pmax[i * Rpad + r0] - shift[r0]);
-          half[it] = shift[r0] + T(::log(double(sum)));
+          hn = shift[r0] + T(::log(double(sum)));
         }
         T rmax = T(kNegInf);
         if (visible) {
-          rmax = softmax ? shift[r0] - half[it] : T(0);
-          if (half[it] != half[it]) rmax = half[it];  // a NaN key propagates, never pads
+          rmax = softmax ? shift[r0] - hn : T(0);
+          if (hn != hn) rmax = hn;  // a NaN key propagates, never pads
         }
         Mn[it] = fmax2(M[it], rmax);
         fac[it] = rescale(M[it], Mn[it]);
         const bool adds = visible && Mn[it] != T(kNegInf);
         gate[r0] = adds ? T(1) : T(0);
-        shift[r0] = adds ? half[it] + Mn[it] : T(0);
+        shift[r0] = adds ? hn + Mn[it] : T(0);
         for (int64_t h = 0; h < g; ++h) shift[r0 + 1 + h] -= T(kQueryShiftSpan);
       }
       for (int64_t j = pj0; j < pj1; ++j) {
