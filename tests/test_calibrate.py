@@ -95,9 +95,12 @@ def test_calibrate_lowers_the_error_and_leaves_the_weights(causal, kernel):
     before = error()
     result = performer.calibrate(Wrapped(model), batches, steps=40, lr=2e-2)
     after = error()
-    assert result["modules"] == 2 and result["loss_last"] < 0.5 * result["loss_first"], result
-    # Normalized keys start closer (bidirectional: 0.054 against 0.081) and end closer (0.038 against 0.043).
-    assert after < (0.6 if kernel == "softmax" else 0.8) * before, (before, after)
+    # Normalized keys start closer and end closer, so calibration has less to remove: loss 0.102 -> 0.049
+    # against 0.199 -> 0.063 and error 0.054 -> 0.038 against 0.081 -> 0.043 (bidirectional; causal:
+    # 0.050 -> 0.026 against 0.101 -> 0.032, 0.063 -> 0.045 against 0.098 -> 0.050).
+    loss_drop, error_drop = (0.5, 0.6) if kernel == "softmax" else (0.6, 0.8)
+    assert result["modules"] == 2 and result["loss_last"] < loss_drop * result["loss_first"], result
+    assert after < error_drop * before, (before, after)
     for n, p in model.named_parameters():
         if n.endswith("features") or ".feature_map." in n:
             continue
