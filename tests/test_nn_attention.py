@@ -161,10 +161,10 @@ def test_normalized_kernel_through_the_module_is_closer_to_mha():
 @pytest.mark.parametrize("kernel", ["relu", "softmax_normalized"])
 def test_other_kernels_run_through_the_module(kernel):
     _, pa = module_pair(batch_first=True)
-    relu = performer.PerformerAttention(E, HEADS, batch_first=True, kernel=kernel, **DOUBLE)
-    relu.load_state_dict(pa.state_dict())  # the same weights and features
+    other = performer.PerformerAttention(E, HEADS, batch_first=True, kernel=kernel, **DOUBLE)
+    other.load_state_dict(pa.state_dict())  # the same weights and features
     x = inputs(True)[0]
-    out, _ = relu(x, x, x, is_causal=True)
+    out, _ = other(x, x, x, is_causal=True)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, pa(x, x, x, is_causal=True)[0])
 
