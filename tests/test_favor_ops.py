@@ -17,11 +17,12 @@ def _op_args(case, causal, kernel="softmax"):
     return (case.q, case.k, case.v, case.features, None, case.key_padding_mask, scale, causal, kernel)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_normalized"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("spec,masked,causal", OPCHECK_CASES)
-def test_opcheck(spec, masked, causal, dtype):
+def test_opcheck(spec, masked, causal, dtype, kernel):
     case = make_case(spec, dtype, masked=masked, requires_grad=True)
-    args = _op_args(case, causal)
+    args = _op_args(case, causal, kernel)
     torch.library.opcheck(torch.ops.performer.favor_forward, args)
 
     with torch.no_grad():

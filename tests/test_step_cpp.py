@@ -369,6 +369,8 @@ def test_opcheck_step_ops(dtype):
     ws, bias = feature_sets(w, "per_batch_head", q.shape[0], k.shape[1])
     torch.library.opcheck(op, (q, k, v, ws, bias, mask, *state, scale, "softmax"))
     torch.library.opcheck(op_, (q, k, v, ws[:1], bias[:1], mask, *(t.clone() for t in state), scale, "relu"))
+    torch.library.opcheck(op, (q, k, v, ws, bias, mask, *state, scale, "softmax_normalized"))
+    torch.library.opcheck(op_, (q, k, v, w, None, mask, *(t.clone() for t in state), scale, "softmax_normalized"))
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
